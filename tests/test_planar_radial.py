@@ -1,0 +1,159 @@
+import pytest
+import torch
+
+from vi_flows.distributions import FlowDistribution, StandardNormal
+from vi_flows.transforms import ComposeFlow, Planar, Radial
+
+from .flow_checks import BATCH_SHAPES, check_gradients_reach_all, check_ladj, check_round_trip, grid_mass
+
+FAMILIES = [Planar, Radial]
+
+
+def _make(cls, d, seed=0):
+    torch.manual_seed(seed)
+    t = cls(d).double()
+    with torch.no_grad():
+        for p in t.parameters():
+            p.normal_(0, 1.0)
+    return t
+
+
+@pytest.mark.parametrize("cls", FAMILIES)
+@pytest.mark.parametrize("d", [1, 2, 5])
+@pytest.mark.parametrize("batch", BATCH_SHAPES)
+def test_ladj_matches_brute_force(cls, d, batch):
+    t = _make(cls, d)
+    x = torch.randn(*batch, d, dtype=torch.float64) * 2
+    check_ladj(t, x)
+
+
+@pytest.mark.parametrize("cls", FAMILIES)
+@pytest.mark.parametrize("d", [1, 2, 5])
+@pytest.mark.parametrize("batch", BATCH_SHAPES)
+def test_round_trip_at_arbitrary_points(cls, d, batch):
+    t = _make(cls, d, seed=d)
+    x = torch.randn(*batch, d, dtype=torch.float64) * 3
+    check_round_trip(t, x, atol=1e-10)
+
+
+@pytest.mark.parametrize("d", [1, 2, 5])
+def test_planar_constraint_holds_when_wu_far_below_minus_one(d):
+    torch.manual_seed(1)
+    t = Planar(d).double()
+    with torch.no_grad():
+        t.w.normal_()
+        t.u.copy_(-50.0 * t.w / (t.w @ t.w))  # wᵀu = -50
+    assert (t.w @ t.u).item() == pytest.approx(-50.0)
+    assert (t.w @ t.u_hat()).item() >= -1.0 + 0.99e-4  # the margin δ of Planar
+    x = torch.randn(200, d, dtype=torch.float64) * 4
+    check_ladj(t, x[:10])
+    check_round_trip(t, x, atol=1e-9)
+
+
+def test_planar_inverse_far_from_origin():
+    torch.manual_seed(2)
+    t = _make(Planar, 3)
+    x = torch.randn(100, 3, dtype=torch.float64) * 1e4
+    check_round_trip(t, x, atol=1e-7)
+
+
+def test_planar_stable_when_w_is_zero():
+    t = Planar(3).double()
+    with torch.no_grad():
+        t.w.zero_()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y, ladj = t.call_and_ladj(x)
+    assert torch.isfinite(y).all() and torch.isfinite(ladj).all()
+    check_round_trip(t, x)
+
+
+def test_planar_no_overflow_for_large_wu():
+    t = Planar(2).double()
+    with torch.no_grad():
+        t.w.copy_(torch.tensor([30.0, 0.0]))
+        t.u.copy_(torch.tensor([40.0, 1.0]))  # wᵀu = 1200: exp overflows, softplus must not
+    assert torch.isfinite(t.u_hat()).all()
+    x = torch.randn(4, 2, dtype=torch.float64)
+    check_ladj(t, x)
+
+
+def test_radial_constraint_beta_ge_minus_alpha():
+    t = Radial(4).double()
+    with torch.no_grad():
+        t.beta_raw.fill_(-40.0)
+        t.alpha_raw.fill_(3.0)
+    alpha, beta = t.alpha_beta()
+    assert beta.item() >= -alpha.item()
+    x = torch.randn(50, 4, dtype=torch.float64)
+    check_ladj(t, x[:5])
+    check_round_trip(t, x)
+
+
+@pytest.mark.parametrize("cls", FAMILIES)
+def test_stack_density_integrates_to_one(cls):
+    torch.manual_seed(3)
+    layers = []
+    for _ in range(8):
+        layer = cls(2).double()
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.normal_(0, 0.7)
+        layers.append(layer)
+    mass, dist = grid_mass(ComposeFlow(layers), lim=10.0, n=500)
+    assert abs(mass - 1) < 1e-3, mass
+    # the cached log-density of samples equals the log-density recomputed through the inverses
+    y, log_q = dist.rsample_and_log_prob((64,))
+    torch.testing.assert_close(dist.log_prob(y.clone()), log_q, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("cls", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradients_and_dtypes(cls, dtype):
+    t = cls(3).to(dtype)
+    x = torch.randn(6, 3, dtype=dtype)
+    y, ladj = t.call_and_ladj(x)
+    assert y.dtype == dtype and ladj.dtype == dtype
+    check_gradients_reach_all(t, x)
+    assert (t.inv(y.detach().clone()) - x).abs().max() < (1e-4 if dtype == torch.float32 else 1e-10)
+
+
+def test_planar_inverse_gradient_matches_finite_differences():
+    """The implicit-function gradient of the numerical inverse, for maximum likelihood."""
+    torch.manual_seed(4)
+    t = _make(Planar, 3)
+    y = torch.randn(5, 3, dtype=torch.float64)
+
+    def nll():
+        dist = FlowDistribution(StandardNormal(3, dtype=torch.float64), t)
+        return -dist.log_prob(y.clone()).sum()
+
+    assert torch.autograd.gradcheck(lambda u, w, b: _with_params(t, u, w, b, nll), (t.u.detach().clone().requires_grad_(),
+                                    t.w.detach().clone().requires_grad_(), t.b.detach().clone().requires_grad_()))
+
+
+def _with_params(t, u, w, b, fn):
+    saved = t.u, t.w, t.b
+    del t.u, t.w, t.b
+    t.u, t.w, t.b = u, w, b
+    try:
+        t._last = None
+        t._cached_x_y = None, None
+        return fn()
+    finally:
+        del t.u, t.w, t.b
+        t.u, t.w, t.b = saved
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_bad_dim(bad):
+    for cls in FAMILIES:
+        with pytest.raises(ValueError, match="dim"):
+            cls(bad)
+
+
+def test_wrong_last_dimension():
+    t = Planar(3)
+    with pytest.raises(ValueError, match="last dimension 3"):
+        t(torch.randn(4, 2))
+    with pytest.raises(ValueError, match="last dimension 3"):
+        t.inv(torch.randn(4, 2))

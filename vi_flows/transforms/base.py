@@ -1,0 +1,203 @@
+"""The contract every vi_flows transform follows.
+
+A flow layer is a bijection ``f: R^d -> R^d`` acting on the last dimension.
+Besides the :class:`torch.distributions.Transform` API it offers
+:meth:`FlowTransform.call_and_ladj`, which returns ``y = f(x)`` and
+``log|det df/dx|`` from one pass (as in zuko), so a guide's sample and
+log-density cost one sweep through the stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from pyro.distributions.torch_transform import TransformModule
+from torch import Tensor
+from torch.distributions import Transform, constraints
+
+__all__ = ["FlowTransform", "ComposeFlow", "check_dim", "check_hidden_dims"]
+
+
+def check_dim(dim: int, name: str = "dim") -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {dim!r}")
+    return dim
+
+
+def check_hidden_dims(hidden_dims: Iterable[int], name: str = "hidden_dims") -> tuple[int, ...]:
+    try:
+        hidden = tuple(hidden_dims)
+    except TypeError:
+        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {hidden_dims!r}") from None
+    if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+        raise ValueError(f"{name} must be a non-empty sequence of positive ints, e.g. (64, 64); got {hidden_dims!r}")
+    return hidden
+
+
+class FlowTransform(TransformModule):
+    """A bijection of ``R^dim`` with an exact log-determinant.
+
+    Subclasses implement ``call_and_ladj(x) -> (y, log|det J|)`` and
+    ``_inverse(y)``; ``_call`` and ``log_abs_det_jacobian`` follow from them.
+    The last ``(x, y, ladj)`` triple is cached, so ``log_abs_det_jacobian`` of
+    a pair just produced costs nothing.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, dim: int, cache_size: int = 1):
+        super().__init__(cache_size=cache_size)
+        self.dim = check_dim(dim)
+        self._last: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def __hash__(self):  # nn.Module and Transform both define __hash__
+        return super(torch.nn.Module, self).__hash__()
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_last"] = None
+        if self._cache_size:
+            state["_cached_x_y"] = None, None
+        return state
+
+    def _check_input(self, x: Tensor, arg: str = "x") -> None:
+        if x.dim() < 1 or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"{type(self).__name__}(dim={self.dim}) expects {arg} with last dimension {self.dim}, "
+                f"got shape {tuple(x.shape)}"
+            )
+
+    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``f(x)`` and ``log|det df/dx|`` (shape ``x.shape[:-1]``)."""
+        self._check_input(x)
+        y, ladj = self._call_and_ladj(x)
+        if self._cache_size:
+            self._cached_x_y = x, y
+            self._last = (x, y, ladj)
+        return y, ladj
+
+    def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _call(self, x: Tensor) -> Tensor:
+        return self.call_and_ladj(x)[0]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self._cache_size:
+            cx, cy = self._cached_x_y
+            if x is cx:
+                return cy
+        return self.call_and_ladj(x)[0]
+
+    def inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``x = f⁻¹(y)`` and ``log|det df/dx|`` at that ``x``."""
+        last = self._last
+        if last is not None and y is last[1]:
+            return last[0], last[2]
+        self._check_input(y, "y")
+        x, ladj = self._inverse_and_ladj(y)
+        if self._cache_size:
+            self._cached_x_y = x, y
+            self._last = (x, y, ladj)
+        return x, ladj
+
+    def _inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        # Layers whose inverse yields the log-determinant for free override this.
+        x = self._inverse(y)
+        return x, self._call_and_ladj(x)[1]
+
+    def _inv_call(self, y: Tensor) -> Tensor:
+        if self._cache_size:
+            cx, cy = self._cached_x_y
+            if y is cy:
+                return cx
+        self._check_input(y, "y")
+        x = self._inverse(y)
+        if self._cache_size:
+            self._cached_x_y = x, y
+        return x
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        last = self._last
+        if last is not None and x is last[0] and y is last[1]:
+            return last[2]
+        return self.call_and_ladj(x)[1]
+
+
+def _ladj_of(t: Transform, x: Tensor, y: Tensor) -> Tensor:
+    """log|det J| of a plain torch transform, summed over the vector dimension."""
+    ladj = t.log_abs_det_jacobian(x, y)
+    extra = 1 - t.domain.event_dim
+    if extra > 0:
+        ladj = ladj.sum(-1)
+    return ladj.expand(x.shape[:-1]) if ladj.dim() < x.dim() - 1 else ladj
+
+
+class ComposeFlow(FlowTransform):
+    r"""``f = f_K ∘ … ∘ f_1`` with ``log|det J_f| = Σ_k log|det J_{f_k}(x_{k-1})|``.
+
+    Accepts :class:`FlowTransform` layers and plain torch transforms on
+    vectors (e.g. permutations); parameters of module layers are registered.
+    """
+
+    def __init__(self, parts: Iterable[Transform], dim: int | None = None):
+        parts = list(parts)
+        if dim is None:
+            dims = [p.dim for p in parts if isinstance(p, FlowTransform)]
+            if not dims:
+                raise ValueError("ComposeFlow needs dim= when no part is a FlowTransform")
+            dim = dims[0]
+        super().__init__(dim)
+        for p in parts:
+            if isinstance(p, FlowTransform) and p.dim != dim:
+                raise ValueError(f"all parts of a ComposeFlow must have dim={dim}; {type(p).__name__} has dim={p.dim}")
+        self.parts = parts
+        self.layers = torch.nn.ModuleList([p for p in parts if isinstance(p, torch.nn.Module)])
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __getitem__(self, i: int) -> Transform:
+        return self.parts[i]
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, layers={len(self.parts)}"
+
+    def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        total = None
+        for p in self.parts:
+            if isinstance(p, FlowTransform):
+                y, ladj = p.call_and_ladj(x)
+            else:
+                y = p(x)
+                ladj = _ladj_of(p, x, y)
+            total = ladj if total is None else total + ladj
+            x = y
+        if total is None:
+            total = x.new_zeros(x.shape[:-1])
+        return x, total
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        for p in reversed(self.parts):
+            y = p.inv(y)
+        return y
+
+    def _inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        total = None
+        for p in reversed(self.parts):
+            if isinstance(p, FlowTransform):
+                x, ladj = p.inverse_and_ladj(y)
+            else:
+                x = p.inv(y)
+                ladj = _ladj_of(p, x, y)
+            total = ladj if total is None else total + ladj
+            y = x
+        if total is None:
+            total = y.new_zeros(y.shape[:-1])
+        return y, total
