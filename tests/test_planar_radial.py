@@ -127,8 +127,8 @@ def test_planar_inverse_gradient_matches_finite_differences():
         dist = FlowDistribution(StandardNormal(3, dtype=torch.float64), t)
         return -dist.log_prob(y.clone()).sum()
 
-    assert torch.autograd.gradcheck(lambda u, w, b: _with_params(t, u, w, b, nll), (t.u.detach().clone().requires_grad_(),
-                                    t.w.detach().clone().requires_grad_(), t.b.detach().clone().requires_grad_()))
+    params = tuple(p.detach().clone().requires_grad_() for p in (t.u, t.w, t.b))
+    assert torch.autograd.gradcheck(lambda u, w, b: _with_params(t, u, w, b, nll), params)
 
 
 def _with_params(t, u, w, b, fn):
