@@ -1,7 +1,29 @@
-"""Normalizing-flow layers as :class:`torch.distributions.Transform` modules."""
+"""Normalizing-flow layers as :class:`torch.distributions.Transform` modules.
 
+One module per family; every layer is a :class:`FlowTransform` with an exact
+``log_abs_det_jacobian`` and an inverse that works at arbitrary points.
+"""
+
+from .affine import Affine
+from .autoregressive import InverseAutoregressive, iaf_stack
 from .base import ComposeFlow, FlowTransform
-from .planar import Planar
-from .radial import Radial
+from .permute import Permute, Reverse
+from .planar import Planar, PlanarStack
+from .radial import Radial, RadialStack
+from .stack import ConditionalComposeFlow, stack
 
-__all__ = ["ComposeFlow", "FlowTransform", "Planar", "Radial"]
+__all__ = [
+    "Affine",
+    "ComposeFlow",
+    "ConditionalComposeFlow",
+    "FlowTransform",
+    "InverseAutoregressive",
+    "Permute",
+    "Planar",
+    "PlanarStack",
+    "Radial",
+    "RadialStack",
+    "Reverse",
+    "iaf_stack",
+    "stack",
+]

@@ -56,6 +56,8 @@ class FlowTransform(TransformModule):
     def __hash__(self):  # nn.Module and Transform both define __hash__
         return super(torch.nn.Module, self).__hash__()
 
+    __repr__ = torch.nn.Module.__repr__  # Transform's would hide extra_repr
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
 

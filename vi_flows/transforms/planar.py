@@ -11,10 +11,43 @@ from torch import Tensor, nn
 from ._roots import solve_increasing
 from .base import FlowTransform
 
-__all__ = ["Planar"]
-
+__all__ = ["Planar", "PlanarStack"]
 
 MARGIN = 1e-4
+
+
+def planar_u_hat(u: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """``(û, wᵀû)`` for ``u, w`` of shape ``(..., d)``: ``wᵀû = m(wᵀu) = −1 + δ + softplus(wᵀu)``."""
+    wu = (w * u).sum(-1, keepdim=True)
+    w_sq = (w * w).sum(-1, keepdim=True)
+    # ‖w‖² = 0 makes the layer a shift for any û; avoid 0/0 there.
+    w_sq = torch.where(w_sq > torch.finfo(w.dtype).tiny, w_sq, torch.ones_like(w_sq))
+    m = F.softplus(wu) + (MARGIN - 1.0)
+    return u + ((m - wu) / w_sq) * w, m.squeeze(-1)
+
+
+def planar_call(x: Tensor, w: Tensor, b: Tensor, u_hat: Tensor, wu_hat: Tensor) -> tuple[Tensor, Tensor]:
+    """One layer: ``y = x + û h``, ``h = tanh(wᵀx + b)``, ``log|det J| = log(1 + (1 − h²) wᵀû)``."""
+    h = torch.tanh(x @ w + b)
+    return x + h.unsqueeze(-1) * u_hat, torch.log1p((1 - h * h) * wu_hat)
+
+
+def planar_inverse(y: Tensor, w: Tensor, b: Tensor, u_hat: Tensor, wu_hat: Tensor) -> Tensor:
+    """Solve ``wᵀy = α + wᵀû tanh(α + b)`` for ``α = wᵀx``, then ``x = y − û tanh(α + b)``."""
+    s = y @ w
+
+    def g(alpha: Tensor) -> tuple[Tensor, Tensor]:
+        t = torch.tanh(alpha + b)
+        return alpha + wu_hat * t - s, 1 + wu_hat * (1 - t * t)
+
+    # |tanh| ≤ 1 brackets the root within |wᵀû| of wᵀy.
+    reach = wu_hat.detach().abs()
+    alpha = solve_increasing(g, s.detach() - reach, s.detach() + reach)
+    if torch.is_grad_enabled():
+        # One Newton step at the root carries the implicit-function gradient dα/dθ = −(∂g/∂θ)/g'.
+        value, slope = g(alpha)
+        alpha = alpha - value / slope.detach()
+    return y - torch.tanh(alpha + b).unsqueeze(-1) * u_hat
 
 
 class Planar(FlowTransform):
@@ -23,14 +56,13 @@ class Planar(FlowTransform):
     ``û = u + (m(wᵀu) − wᵀu) w/‖w‖²`` with ``m(a) = −1 + δ + softplus(a)`` keeps
     ``wᵀû > −1``, which makes the layer invertible. The paper has ``δ = 0``;
     then ``wᵀû`` rounds to exactly −1 once ``wᵀu < −37`` (float64) and the
-    layer turns singular, so ``δ = 1e-4`` bounds ``|det J| ≥ 1e-4``. By the matrix determinant
-    lemma ``log|det J| = log|1 + (1 − tanh²(wᵀx + b)) wᵀû|``, O(d).
+    layer turns singular, so ``δ = 1e-4`` bounds ``|det J| ≥ 1e-4``.
+    By the matrix determinant lemma ``log|det J| = log|1 + (1 − tanh²(wᵀx + b)) wᵀû|``, O(d).
 
     The inverse solves the scalar equation ``wᵀy = α + wᵀû tanh(α + b)``
     (strictly increasing in ``α``) by safeguarded Newton to machine precision,
-    then ``x = y − û tanh(α + b)``. One differentiable Newton step at the root
-    gives the implicit-function gradient, so ``log_prob`` of data trains the
-    layer (maximum likelihood).
+    then ``x = y − û tanh(α + b)``. Its gradient is the implicit-function
+    gradient, so ``log_prob`` of data trains the layer (maximum likelihood).
 
     Reference: Rezende & Mohamed, "Variational Inference with Normalizing
     Flows", ICML 2015.
@@ -44,35 +76,52 @@ class Planar(FlowTransform):
         self.b = nn.Parameter(torch.zeros(()))
 
     def u_hat(self) -> Tensor:
-        """The constrained ``û`` with ``wᵀû = m(wᵀu) > −1``."""
-        w, u = self.w, self.u
-        wu = w @ u
-        w_sq = w @ w
-        # ‖w‖² = 0 makes the layer a shift for any û; avoid 0/0 there.
-        w_sq = torch.where(w_sq > torch.finfo(w.dtype).tiny, w_sq, torch.ones_like(w_sq))
-        return u + ((F.softplus(wu) + (MARGIN - 1.0) - wu) / w_sq) * w
+        """The constrained ``û``, with ``wᵀû > −1``."""
+        return planar_u_hat(self.u, self.w)[0]
 
     def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        u_hat = self.u_hat()
-        h = torch.tanh(x @ self.w + self.b)
-        y = x + h.unsqueeze(-1) * u_hat
-        ladj = torch.log1p((1 - h * h) * (self.w @ u_hat))
-        return y, ladj
+        u_hat, wu_hat = planar_u_hat(self.u, self.w)
+        return planar_call(x, self.w, self.b, u_hat, wu_hat)
 
     def _inverse(self, y: Tensor) -> Tensor:
-        u_hat = self.u_hat()
-        w, b = self.w, self.b
-        wu = w @ u_hat
-        s = y @ w
+        u_hat, wu_hat = planar_u_hat(self.u, self.w)
+        return planar_inverse(y, self.w, self.b, u_hat, wu_hat)
 
-        def g(alpha: Tensor) -> tuple[Tensor, Tensor]:
-            t = torch.tanh(alpha + b)
-            return alpha + wu * t - s, 1 + wu * (1 - t * t)
 
-        with torch.no_grad():
-            reach = wu.detach().abs()
-            alpha = solve_increasing(g, s.detach() - reach, s.detach() + reach)
-        if torch.is_grad_enabled():
-            value, slope = g(alpha)
-            alpha = alpha - value / slope.detach()
-        return y - torch.tanh(alpha + b).unsqueeze(-1) * u_hat
+class PlanarStack(FlowTransform):
+    r"""``num_flows`` planar layers ``f_K ∘ … ∘ f_1`` with their parameters packed.
+
+    Same math as :class:`Planar` (rows ``u_k, w_k, b_k`` of ``u, w, b``), but
+    three parameter tensors instead of ``3K``: Pyro's optimizers keep one
+    torch optimizer per parameter, and at small ``d`` that bookkeeping, not
+    the math, dominates a step.
+    """
+
+    def __init__(self, dim: int, num_flows: int, init_scale: float | None = None):
+        super().__init__(dim)
+        if isinstance(num_flows, bool) or not isinstance(num_flows, int) or num_flows < 1:
+            raise ValueError(f"num_flows must be an integer >= 1, got {num_flows!r}")
+        self.num_flows = num_flows
+        scale = 1.0 / math.sqrt(dim) if init_scale is None else init_scale
+        self.u = nn.Parameter(torch.empty(num_flows, dim).uniform_(-scale, scale))
+        self.w = nn.Parameter(torch.empty(num_flows, dim).uniform_(-scale, scale))
+        self.b = nn.Parameter(torch.zeros(num_flows))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_flows={self.num_flows}"
+
+    def _layers(self):
+        u_hat, wu_hat = planar_u_hat(self.u, self.w)
+        return zip(self.w.unbind(0), self.b.unbind(0), u_hat.unbind(0), wu_hat.unbind(0))
+
+    def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        total = 0.0
+        for w, b, u_hat, wu_hat in self._layers():
+            x, ladj = planar_call(x, w, b, u_hat, wu_hat)
+            total = total + ladj
+        return x, total
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        for w, b, u_hat, wu_hat in reversed(list(self._layers())):
+            y = planar_inverse(y, w, b, u_hat, wu_hat)
+        return y

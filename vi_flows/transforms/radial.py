@@ -10,13 +10,39 @@ from torch import Tensor, nn
 
 from .base import FlowTransform
 
-__all__ = ["Radial"]
+__all__ = ["Radial", "RadialStack"]
+
+
+def radial_alpha_beta(alpha_raw: Tensor, beta_raw: Tensor) -> tuple[Tensor, Tensor]:
+    """``α = softplus(α') > 0`` and ``β = −α + softplus(β') > −α``."""
+    alpha = F.softplus(alpha_raw)
+    return alpha, F.softplus(beta_raw) - alpha
+
+
+def radial_call(x: Tensor, x0: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    """``y = x + βh(x − x₀)``; ``log|det J| = (d − 1) log(1 + βh) + log(1 + βα/(α + r)²)``."""
+    diff = x - x0
+    r = diff.norm(dim=-1)
+    beta_h = beta / (alpha + r)
+    ladj = (x.shape[-1] - 1) * torch.log1p(beta_h) + torch.log1p(beta * alpha / (alpha + r) ** 2)
+    return x + beta_h.unsqueeze(-1) * diff, ladj
+
+
+def radial_inverse(y: Tensor, x0: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
+    """``‖y − x₀‖ = r(1 + β/(α + r))``: the positive root of a quadratic in ``r``."""
+    diff = y - x0
+    r_y = diff.norm(dim=-1)
+    # r² + (α + β − r_y) r − α r_y = 0, the positive root written without cancellation.
+    p = alpha + beta - r_y
+    root = torch.sqrt(p * p + 4 * alpha * r_y)
+    r = torch.where(p > 0, 2 * alpha * r_y / (p + root), 0.5 * (root - p))
+    return x0 + diff / (1 + beta / (alpha + r)).unsqueeze(-1)
 
 
 class Radial(FlowTransform):
     r"""``y = x + β h(α, r)(x − x₀)`` with ``r = ‖x − x₀‖`` and ``h = 1/(α + r)``.
 
-    ``α = softplus(α') > 0`` and ``β = −α + softplus(β') > −α`` keep it
+    ``α = softplus(α') > 0`` and ``β = −α + softplus(β') ≥ −α`` keep it
     invertible. With ``βh = β/(α + r)``:
     ``log|det J| = (d − 1) log(1 + βh) + log(1 + βα/(α + r)²)``.
 
@@ -35,24 +61,43 @@ class Radial(FlowTransform):
         self.beta_raw = nn.Parameter(torch.empty(()).uniform_(-scale, scale))
 
     def alpha_beta(self) -> tuple[Tensor, Tensor]:
-        alpha = F.softplus(self.alpha_raw)
-        return alpha, F.softplus(self.beta_raw) - alpha
+        return radial_alpha_beta(self.alpha_raw, self.beta_raw)
 
     def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        alpha, beta = self.alpha_beta()
-        diff = x - self.x0
-        r = diff.norm(dim=-1)
-        beta_h = beta / (alpha + r)
-        y = x + beta_h.unsqueeze(-1) * diff
-        ladj = (self.dim - 1) * torch.log1p(beta_h) + torch.log1p(beta * alpha / (alpha + r) ** 2)
-        return y, ladj
+        return radial_call(x, self.x0, *self.alpha_beta())
 
     def _inverse(self, y: Tensor) -> Tensor:
-        alpha, beta = self.alpha_beta()
-        diff = y - self.x0
-        r_y = diff.norm(dim=-1)
-        # r² + (α + β − r_y) r − α r_y = 0; the positive root, written without cancellation.
-        p = alpha + beta - r_y
-        root = torch.sqrt(p * p + 4 * alpha * r_y)
-        r = torch.where(p > 0, 2 * alpha * r_y / (p + root), 0.5 * (root - p))
-        return self.x0 + diff / (1 + beta / (alpha + r)).unsqueeze(-1)
+        return radial_inverse(y, self.x0, *self.alpha_beta())
+
+
+class RadialStack(FlowTransform):
+    """``num_flows`` radial layers with packed parameters (see :class:`~vi_flows.transforms.PlanarStack`)."""
+
+    def __init__(self, dim: int, num_flows: int):
+        super().__init__(dim)
+        if isinstance(num_flows, bool) or not isinstance(num_flows, int) or num_flows < 1:
+            raise ValueError(f"num_flows must be an integer >= 1, got {num_flows!r}")
+        self.num_flows = num_flows
+        scale = 1.0 / math.sqrt(dim)
+        self.x0 = nn.Parameter(torch.empty(num_flows, dim).uniform_(-scale, scale))
+        self.alpha_raw = nn.Parameter(torch.empty(num_flows).uniform_(-scale, scale))
+        self.beta_raw = nn.Parameter(torch.empty(num_flows).uniform_(-scale, scale))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_flows={self.num_flows}"
+
+    def _layers(self):
+        alpha, beta = radial_alpha_beta(self.alpha_raw, self.beta_raw)
+        return zip(self.x0.unbind(0), alpha.unbind(0), beta.unbind(0))
+
+    def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        total = 0.0
+        for x0, alpha, beta in self._layers():
+            x, ladj = radial_call(x, x0, alpha, beta)
+            total = total + ladj
+        return x, total
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        for x0, alpha, beta in reversed(list(self._layers())):
+            y = radial_inverse(y, x0, alpha, beta)
+        return y
