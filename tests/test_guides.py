@@ -18,7 +18,7 @@ from pyro.infer import (
 )
 from pyro.infer.autoguide import AutoDelta, AutoGuideList, AutoNormal
 
-from vi_flows import AutoFlow, AutoIAF, AutoPlanar, AutoRadial
+from vi_flows import AutoCNF, AutoFlow, AutoIAF, AutoPlanar, AutoRadial
 from vi_flows.transforms import Planar
 
 from .conftest import cuda
@@ -27,6 +27,7 @@ FAST_GUIDES = {
     "planar": lambda m, **kw: AutoPlanar(m, num_flows=4, **kw),
     "radial": lambda m, **kw: AutoRadial(m, num_flows=4, **kw),
     "iaf": lambda m, **kw: AutoIAF(m, num_flows=2, **kw),
+    "cnf": lambda m, **kw: AutoCNF(m, hidden_dims=(16, 16), rtol=1e-3, atol=1e-3, **kw),
 }
 
 

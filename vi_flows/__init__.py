@@ -1,17 +1,35 @@
-"""vi_flows: normalizing-flow variational inference for Pyro."""
+"""vi_flows: normalizing-flow variational inference for Pyro.
+
+Guides (drop-in beside ``AutoNormal``): :class:`AutoPlanar`, :class:`AutoRadial`,
+:class:`AutoIAF`, :class:`AutoCNF`, and :class:`AutoFlow` for any stack of
+:mod:`vi_flows.transforms`. Training: :func:`fit`. Checking: :func:`diagnose`,
+:func:`to_inference_data`, :func:`loo`.
+"""
 
 from . import transforms
-from .distributions import FlowDistribution, StandardNormal
+from .diagnostics import Diagnostics, LooResult, diagnose, loo, plot_density_2d, plot_weights, to_inference_data
+from .distributions import AffineNormal, FlowDistribution, StandardNormal
 from .guides import AutoCNF, AutoFlow, AutoIAF, AutoPlanar, AutoRadial
+from .training import FitResult, fit
 
 __version__ = "0.1.0"
 __all__ = [
+    "AffineNormal",
     "AutoCNF",
     "AutoFlow",
     "AutoIAF",
     "AutoPlanar",
     "AutoRadial",
+    "Diagnostics",
+    "FitResult",
     "FlowDistribution",
+    "LooResult",
     "StandardNormal",
+    "diagnose",
+    "fit",
+    "loo",
+    "plot_density_2d",
+    "plot_weights",
+    "to_inference_data",
     "transforms",
 ]

@@ -7,6 +7,7 @@ One module per family; every layer is a :class:`FlowTransform` with an exact
 from .affine import Affine
 from .autoregressive import InverseAutoregressive, iaf_stack
 from .base import ComposeFlow, FlowTransform
+from .continuous import ContinuousFlow
 from .permute import Permute, Reverse
 from .planar import Planar, PlanarStack
 from .radial import Radial, RadialStack
@@ -16,6 +17,7 @@ __all__ = [
     "Affine",
     "ComposeFlow",
     "ConditionalComposeFlow",
+    "ContinuousFlow",
     "FlowTransform",
     "InverseAutoregressive",
     "Permute",

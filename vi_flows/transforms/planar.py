@@ -26,6 +26,12 @@ def planar_u_hat(u: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     return u + ((m - wu) / w_sq) * w, m.squeeze(-1)
 
 
+def identity_u(w: Tensor) -> Tensor:
+    """The ``u`` that makes ``û = 0`` (the identity): ``u = a w/‖w‖²`` with ``m(a) = 0``."""
+    a = math.log(math.expm1(1.0 - MARGIN))  # softplus(a) = 1 − δ
+    return a * w / (w * w).sum(-1, keepdim=True)
+
+
 def planar_call(x: Tensor, w: Tensor, b: Tensor, u_hat: Tensor, wu_hat: Tensor) -> tuple[Tensor, Tensor]:
     """One layer: ``y = x + û h``, ``h = tanh(wᵀx + b)``, ``log|det J| = log(1 + (1 − h²) wᵀû)``."""
     h = torch.tanh(x @ w + b)
@@ -64,6 +70,9 @@ class Planar(FlowTransform):
     then ``x = y − û tanh(α + b)``. Its gradient is the implicit-function
     gradient, so ``log_prob`` of data trains the layer (maximum likelihood).
 
+    It starts as the identity (``û = 0``, random ``w``), so a guide starts at
+    its base Gaussian; the gradient with respect to ``u`` is not zero there.
+
     Reference: Rezende & Mohamed, "Variational Inference with Normalizing
     Flows", ICML 2015.
     """
@@ -71,8 +80,9 @@ class Planar(FlowTransform):
     def __init__(self, dim: int, init_scale: float | None = None):
         super().__init__(dim)
         scale = 1.0 / math.sqrt(dim) if init_scale is None else init_scale
-        self.u = nn.Parameter(torch.empty(dim).uniform_(-scale, scale))
-        self.w = nn.Parameter(torch.empty(dim).uniform_(-scale, scale))
+        w = torch.empty(dim).uniform_(-scale, scale)
+        self.w = nn.Parameter(w)
+        self.u = nn.Parameter(identity_u(w))
         self.b = nn.Parameter(torch.zeros(()))
 
     def u_hat(self) -> Tensor:
@@ -92,7 +102,7 @@ class PlanarStack(FlowTransform):
     r"""``num_flows`` planar layers ``f_K ∘ … ∘ f_1`` with their parameters packed.
 
     Same math as :class:`Planar` (rows ``u_k, w_k, b_k`` of ``u, w, b``), but
-    three parameter tensors instead of ``3K``: Pyro's optimizers keep one
+    three parameter tensors instead of ``3K``; starts as the identity. Pyro's optimizers keep one
     torch optimizer per parameter, and at small ``d`` that bookkeeping, not
     the math, dominates a step.
     """
@@ -103,8 +113,9 @@ class PlanarStack(FlowTransform):
             raise ValueError(f"num_flows must be an integer >= 1, got {num_flows!r}")
         self.num_flows = num_flows
         scale = 1.0 / math.sqrt(dim) if init_scale is None else init_scale
-        self.u = nn.Parameter(torch.empty(num_flows, dim).uniform_(-scale, scale))
-        self.w = nn.Parameter(torch.empty(num_flows, dim).uniform_(-scale, scale))
+        w = torch.empty(num_flows, dim).uniform_(-scale, scale)
+        self.w = nn.Parameter(w)
+        self.u = nn.Parameter(identity_u(w))
         self.b = nn.Parameter(torch.zeros(num_flows))
 
     def extra_repr(self) -> str:

@@ -19,6 +19,11 @@ def radial_alpha_beta(alpha_raw: Tensor, beta_raw: Tensor) -> tuple[Tensor, Tens
     return alpha, F.softplus(beta_raw) - alpha
 
 
+def identity_beta_raw(alpha_raw: Tensor) -> Tensor:
+    """``β'`` with ``β = 0`` (the identity): ``softplus(β') = α``."""
+    return torch.log(torch.expm1(F.softplus(alpha_raw)))
+
+
 def radial_call(x: Tensor, x0: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
     """``y = x + βh(x − x₀)``; ``log|det J| = (d − 1) log(1 + βh) + log(1 + βα/(α + r)²)``."""
     diff = x - x0
@@ -48,6 +53,7 @@ class Radial(FlowTransform):
 
     Inverse in closed form: ``‖y − x₀‖ = r (1 + β/(α + r))`` is a quadratic in
     ``r`` with one positive root, then ``x − x₀ = (y − x₀)/(1 + β/(α + r))``.
+    Starts as the identity (``β = 0``).
 
     Reference: Rezende & Mohamed, "Variational Inference with Normalizing
     Flows", ICML 2015.
@@ -58,7 +64,7 @@ class Radial(FlowTransform):
         scale = 1.0 / math.sqrt(dim)
         self.x0 = nn.Parameter(torch.empty(dim).uniform_(-scale, scale))
         self.alpha_raw = nn.Parameter(torch.empty(()).uniform_(-scale, scale))
-        self.beta_raw = nn.Parameter(torch.empty(()).uniform_(-scale, scale))
+        self.beta_raw = nn.Parameter(identity_beta_raw(self.alpha_raw.detach()))
 
     def alpha_beta(self) -> tuple[Tensor, Tensor]:
         return radial_alpha_beta(self.alpha_raw, self.beta_raw)
@@ -81,7 +87,7 @@ class RadialStack(FlowTransform):
         scale = 1.0 / math.sqrt(dim)
         self.x0 = nn.Parameter(torch.empty(num_flows, dim).uniform_(-scale, scale))
         self.alpha_raw = nn.Parameter(torch.empty(num_flows).uniform_(-scale, scale))
-        self.beta_raw = nn.Parameter(torch.empty(num_flows).uniform_(-scale, scale))
+        self.beta_raw = nn.Parameter(identity_beta_raw(self.alpha_raw.detach()))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_flows={self.num_flows}"

@@ -1,0 +1,339 @@
+"""Continuous normalizing flow (Chen et al. 2018; Grathwohl et al. 2019, FFJORD).
+
+``dz/dt = f(z, t)`` and ``d log|det ∂z(t)/∂z(0)| / dt = tr ∂f/∂z`` are integrated
+together by :func:`torchdiffeq.odeint`; the flow map is ``x = z(0) ↦ y = z(t₁)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torchdiffeq import odeint, odeint_adjoint
+from torchdiffeq._impl.odeint import SOLVERS
+from torchdiffeq._impl.solvers import FixedGridODESolver
+
+from .base import FlowTransform, check_hidden_dims
+
+__all__ = ["ConcatSquash", "ConditionedFlow", "ContinuousFlow", "ODENet"]
+
+ACTIVATIONS = {"tanh": nn.Tanh, "softplus": nn.Softplus, "silu": nn.SiLU}
+TRACES = ("auto", "exact", "hutchinson")
+NOISES = ("rademacher", "gaussian")
+# scipy_solver leaves torch (no gradients); every other torchdiffeq method is allowed.
+METHODS = tuple(m for m in SOLVERS if m != "scipy_solver")
+
+
+def _choice(value, allowed, name: str):
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def _positive(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+class ConcatSquash(nn.Module):
+    r"""``h ↦ (W h + b) ⊙ σ(A s + a) + B s`` with ``s = (t, context)`` (FFJORD's ConcatSquashLinear).
+
+    Shapes: ``h (..., d_in)``, ``s (..., d_s)`` -> ``(..., d_out)``.
+    """
+
+    def __init__(self, d_in: int, d_out: int, d_s: int):
+        super().__init__()
+        self.linear = nn.Linear(d_in, d_out)
+        self.gate = nn.Linear(d_s, d_out)
+        self.shift = nn.Linear(d_s, d_out, bias=False)
+
+    def forward(self, h: Tensor, s: Tensor) -> Tensor:
+        return self.linear(h) * torch.sigmoid(self.gate(s)) + self.shift(s)
+
+
+class ODENet(nn.Module):
+    r"""The vector field ``f(z, t, c)``: an MLP of :class:`ConcatSquash` layers.
+
+    Time (and the context ``c``) gate and shift every layer rather than being
+    one more input column, so the field can change character along ``t`` at a
+    cost of ``O(width)`` per layer; this is FFJORD's default layer. The last
+    layer starts at zero, so ``f ≡ 0`` and the flow starts as the identity.
+    """
+
+    def __init__(self, dim: int, hidden_dims: Iterable[int], context_dim: int = 0, activation: str = "tanh"):
+        super().__init__()
+        widths = (dim, *hidden_dims, dim)
+        self.layers = nn.ModuleList(ConcatSquash(a, b, 1 + context_dim) for a, b in zip(widths[:-1], widths[1:]))
+        self.activation = ACTIVATIONS[activation]()
+        last = self.layers[-1]
+        for p in (last.linear.weight, last.linear.bias, last.shift.weight):
+            nn.init.zeros_(p)
+
+    def forward(self, t: Tensor, z: Tensor, context: Tensor | None = None) -> Tensor:
+        s = t.to(z).expand(*z.shape[:-1], 1)
+        if context is not None:
+            s = torch.cat([s, context], -1)
+        h = z
+        for layer in self.layers[:-1]:
+            h = self.activation(layer(h, s))
+        return self.layers[-1](h, s)
+
+
+# From this dimension on, one vmap-ed reverse pass beats d separate VJPs. Forward + backward of a solve
+# (widths (64, 64), 20 evaluations, one CPU thread), VJPs vs vmap: batch 256: d=2 40 vs 55 ms, d=5 73 vs 69,
+# d=10 122 vs 96; batch 16: d=2 24 vs 40, d=5 37 vs 40, d=10 63 vs 40.
+JACREV_MIN_DIM = 5
+
+
+def vjp_trace(dz: Tensor, z: Tensor, create_graph: bool) -> Tensor:
+    """``tr ∂dz/∂z`` per row from ``d`` vector-Jacobian products, one per diagonal entry."""
+    div = torch.zeros_like(dz[:, 0])
+    for i in range(z.shape[-1]):
+        (row,) = torch.autograd.grad(dz[:, i].sum(), z, create_graph=create_graph, retain_graph=True)
+        div = div + row[:, i]
+    return div
+
+
+def jacrev_trace(net: ODENet, t: Tensor, z: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(f, tr ∂f/∂z)`` per row from the full per-row Jacobian, ``vmap(jacrev(f))``."""
+
+    def f(zi: Tensor, ci: Tensor | None) -> tuple[Tensor, Tensor]:
+        out = net(t, zi, ci)
+        return out, out
+
+    jac, dz = torch.func.vmap(torch.func.jacrev(f, has_aux=True), in_dims=(0, None if context is None else 0))(
+        z, context
+    )
+    return dz, jac.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
+def hutchinson_trace(dz: Tensor, z: Tensor, eps: Tensor, create_graph: bool) -> Tensor:
+    """``εᵀ (∂dz/∂z) ε`` per row from one vector-Jacobian product; unbiased for ``E[εεᵀ] = I``."""
+    (vjp,) = torch.autograd.grad(dz, z, eps, create_graph=create_graph)
+    return (vjp * eps).sum(-1)
+
+
+class _Dynamics:
+    """``d/dt (z, a) = (f(z, t, c), tr ∂f/∂z)`` for one solve, with its context and probe ``ε`` bound.
+
+    A fresh object per solve keeps ``ε`` fixed through the solve and through
+    the adjoint pass that re-evaluates it later, even if other solves ran in between.
+    """
+
+    def __init__(self, net: ODENet, context: Tensor | None, eps: Tensor | None):
+        self.net, self.context, self.eps = net, context, eps
+        self.needs_grad = any(p.requires_grad for p in net.parameters()) or (
+            context is not None and context.requires_grad
+        )
+        self.nfe = 0
+
+    def __call__(self, t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        self.nfe += 1
+        z = state[0]
+        graph = torch.is_grad_enabled() and (z.requires_grad or self.needs_grad)
+        if not graph:
+            # A state made under no_grad may be a view that "requires grad" through its base.
+            z = z.detach()
+        if self.eps is None and z.shape[-1] >= JACREV_MIN_DIM:
+            with torch.set_grad_enabled(graph):  # torch.func differentiates whatever the outer grad mode
+                return jacrev_trace(self.net, t, z, self.context)
+        # The VJPs need autograd even under torch.no_grad(); the result is detached then.
+        with torch.enable_grad():
+            if not z.requires_grad:
+                z = z.detach().requires_grad_()
+            dz = self.net(t, z, self.context)
+            if self.eps is None:
+                div = vjp_trace(dz, z, graph)
+            else:
+                div = hutchinson_trace(dz, z, self.eps, graph)
+        if not graph:
+            dz, div = dz.detach(), div.detach()
+        return dz, div
+
+
+class ContinuousFlow(FlowTransform):
+    r"""``y = z(t₁)``, ``dz/dt = f(z, t)``, ``z(0) = x``: a continuous normalizing flow.
+
+    ``log|det ∂y/∂x| = ∫₀^{t₁} tr ∂f/∂z(z(t), t) dt`` (instantaneous change of
+    variables) is integrated with ``z`` by ``torchdiffeq.odeint`` (or
+    ``odeint_adjoint`` with ``adjoint=True``: O(1) memory in the number of
+    steps, gradients from a backward adjoint solve). The inverse integrates
+    ``t₁ → 0`` and returns the log-determinant from the same solve.
+
+    ``f`` is an :class:`ODENet` (ConcatSquash MLP; its last layer starts at
+    zero, so the flow starts as the identity and a guide from its base).
+
+    The trace:
+
+    * ``"exact"``: ``d`` vector-Jacobian products per evaluation of ``f``
+      (``vmap``-ed into one pass from ``d = 5`` on, where that is faster).
+    * ``"hutchinson"``: ``εᵀ(∂f/∂z)ε`` with one ``ε`` per point drawn per solve
+      and held fixed through it (FFJORD), Rademacher or Gaussian (``noise``).
+      One VJP per evaluation; ``log|det J|`` is then an unbiased *estimate*
+      (Rademacher in d=1 is exact) whose variance grows with ``d``.
+    * ``"auto"``: exact when ``dim <= exact_trace_max_dim`` (default 10), else
+      Hutchinson. A solve with its backward (batch 256, widths (64, 64), one CPU
+      thread) costs 1.3x Hutchinson's at d=2, 2.3x at d=5, 2.9x at d=10, 4.5x at
+      d=20 and 7.6x at d=40, while the estimator's variance grows with ``d``:
+      up to d=10 removing that noise from the ELBO gradient costs at most 3x.
+
+    ``nfe`` is the number of evaluations of ``f`` in the last solve (either
+    direction, not counting an adjoint backward solve); tune ``rtol``/``atol``
+    by it. With ``context_dim > 0`` the context ``c`` enters every layer's
+    gate and shift; use :meth:`condition` to bind it.
+
+    Shapes: ``x (..., dim)``; ``log|det J|`` has shape ``x.shape[:-1]``.
+
+    References: Chen et al., "Neural Ordinary Differential Equations",
+    NeurIPS 2018; Grathwohl et al., "FFJORD: Free-form Continuous Dynamics
+    for Scalable Reversible Generative Models", ICLR 2019.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dims: Iterable[int] = (64, 64),
+        context_dim: int = 0,
+        *,
+        trace: str = "auto",
+        noise: str = "rademacher",
+        solver: str = "dopri5",
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        t1: float = 1.0,
+        adjoint: bool = False,
+        exact_trace_max_dim: int = 10,
+        activation: str = "tanh",
+        options: Mapping | None = None,
+    ):
+        super().__init__(dim)
+        hidden = check_hidden_dims(hidden_dims)
+        if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 0:
+            raise ValueError(f"context_dim must be an integer >= 0, got {context_dim!r}")
+        if isinstance(exact_trace_max_dim, bool) or not isinstance(exact_trace_max_dim, int) or exact_trace_max_dim < 0:
+            raise ValueError(f"exact_trace_max_dim must be an integer >= 0, got {exact_trace_max_dim!r}")
+        options = dict(options or {})
+        _choice(solver, METHODS, "solver")
+        if issubclass(SOLVERS[solver], FixedGridODESolver) and not {"step_size", "grid_constructor"} & options.keys():
+            raise ValueError(
+                f"solver={solver!r} takes fixed steps: pass options={{'step_size': ...}}, "
+                f"or use an adaptive solver such as 'dopri5'"
+            )
+        self.context_dim = context_dim
+        self.exact_trace_max_dim = exact_trace_max_dim
+        self.trace = trace
+        self.noise = _choice(noise, NOISES, "noise")
+        self.solver = solver
+        self.options = options
+        self.rtol = _positive(rtol, "rtol")
+        self.atol = _positive(atol, "atol")
+        self.t1 = _positive(t1, "t1")
+        self.adjoint = bool(adjoint)
+        self.net = ODENet(dim, hidden, context_dim, _choice(activation, ACTIVATIONS, "activation"))
+        self.nfe = 0
+
+    @property
+    def trace(self) -> str:
+        """``"exact"`` or ``"hutchinson"`` (``"auto"`` is resolved when set)."""
+        return self._trace
+
+    @trace.setter
+    def trace(self, value: str) -> None:
+        _choice(value, TRACES, "trace")
+        if value == "auto":
+            value = "exact" if self.dim <= self.exact_trace_max_dim else "hutchinson"
+        self._trace = value
+
+    def extra_repr(self) -> str:
+        ctx = f", context_dim={self.context_dim}" if self.context_dim else ""
+        return f"dim={self.dim}{ctx}, trace={self.trace!r}, solver={self.solver!r}, rtol={self.rtol}, atol={self.atol}"
+
+    def condition(self, context: Tensor) -> ConditionedFlow:
+        """This flow with ``context (..., context_dim)`` bound; its batch shape broadcasts against ``x``'s."""
+        if not self.context_dim:
+            raise ValueError("condition(context) needs a ContinuousFlow built with context_dim > 0")
+        if not isinstance(context, Tensor) or context.dim() < 1 or context.shape[-1] != self.context_dim:
+            shape = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
+            raise ValueError(f"context must be a tensor with last dimension {self.context_dim}, got {shape}")
+        return ConditionedFlow(self, context)
+
+    def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.integrate(x, self._no_context(), reverse=False)
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        return self._inverse_and_ladj(y)[0]
+
+    def _inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self.integrate(y, self._no_context(), reverse=True)
+
+    def _no_context(self) -> None:
+        if self.context_dim:
+            raise ValueError(
+                f"this ContinuousFlow has context_dim={self.context_dim}: call .condition(context) "
+                "and use the transform it returns"
+            )
+
+    def integrate(self, x: Tensor, context: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor]:
+        """``(z(t₁), ∫₀^{t₁} tr ∂f/∂z dt)`` from ``z(0) = x``; with ``reverse``, ``(z(0), same)`` from ``z(t₁) = x``."""
+        shape = x.shape
+        if not x.numel():  # the solver's step-size control divides by the state's norm
+            return x.clone(), x.new_zeros(shape[:-1])
+        z = x.reshape(-1, self.dim)
+        if context is not None:
+            context = _broadcast_context(context, shape[:-1]).reshape(z.shape[0], self.context_dim)
+        eps = None
+        if self.trace == "hutchinson":
+            eps = torch.randn_like(z) if self.noise == "gaussian" else torch.empty_like(z).bernoulli_(0.5) * 2 - 1
+        func = _Dynamics(self.net, context, eps)
+        state = (z, z.new_zeros(z.shape[0]))
+        ends = [self.t1, 0.0] if reverse else [0.0, self.t1]
+        times = torch.tensor(ends, dtype=z.dtype, device=z.device)
+        kwargs = dict(rtol=self.rtol, atol=self.atol, method=self.solver, options=self.options)
+        if self.adjoint:
+            params = tuple(self.net.parameters())
+            if context is not None and context.requires_grad:
+                params += (context,)
+            zs, a = odeint_adjoint(func, state, times, adjoint_params=params, **kwargs)
+        else:
+            zs, a = odeint(func, state, times, **kwargs)
+        self.nfe = func.nfe
+        # a(t_end) = ∫_{t_start}^{t_end} tr dt, which is −log|det J| when integrating backwards.
+        ladj = -a[-1] if reverse else a[-1]
+        return zs[-1].reshape(shape), ladj.reshape(shape[:-1])
+
+
+def _broadcast_context(context: Tensor, batch_shape: torch.Size) -> Tensor:
+    try:
+        ok = torch.broadcast_shapes(context.shape[:-1], batch_shape) == batch_shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"context batch shape {tuple(context.shape[:-1])} must broadcast to the input's batch shape "
+            f"{tuple(batch_shape)}"
+        )
+    return context.expand(*batch_shape, context.shape[-1])
+
+
+class ConditionedFlow(FlowTransform):
+    """A :class:`ContinuousFlow` with its context bound (from :meth:`ContinuousFlow.condition`); shares parameters."""
+
+    def __init__(self, flow: ContinuousFlow, context: Tensor):
+        super().__init__(flow.dim)
+        self.base_flow = flow
+        self.context = context
+
+    @property
+    def nfe(self) -> int:
+        return self.base_flow.nfe
+
+    def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.base_flow.integrate(x, self.context, reverse=False)
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        return self._inverse_and_ladj(y)[0]
+
+    def _inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self.base_flow.integrate(y, self.context, reverse=True)
