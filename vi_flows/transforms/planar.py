@@ -32,15 +32,24 @@ def identity_u(w: Tensor) -> Tensor:
     return a * w / (w * w).sum(-1, keepdim=True)
 
 
+def _dot(x: Tensor, w: Tensor) -> Tensor:
+    # one shared w (d,) is a matrix-vector product; per-example w (..., d) broadcasts
+    return x @ w if w.dim() == 1 else (x * w).sum(-1)
+
+
 def planar_call(x: Tensor, w: Tensor, b: Tensor, u_hat: Tensor, wu_hat: Tensor) -> tuple[Tensor, Tensor]:
-    """One layer: ``y = x + û h``, ``h = tanh(wᵀx + b)``, ``log|det J| = log(1 + (1 − h²) wᵀû)``."""
-    h = torch.tanh(x @ w + b)
+    """One layer: ``y = x + û h``, ``h = tanh(wᵀx + b)``, ``log|det J| = log(1 + (1 − h²) wᵀû)``.
+
+    ``w, û`` have shape ``(d,)`` or a batch ``(..., d)`` broadcasting with ``x`` (amortized
+    layers), ``b`` and ``wᵀû`` the matching ``()`` or ``(...)``.
+    """
+    h = torch.tanh(_dot(x, w) + b)
     return x + h.unsqueeze(-1) * u_hat, torch.log1p((1 - h * h) * wu_hat)
 
 
 def planar_inverse(y: Tensor, w: Tensor, b: Tensor, u_hat: Tensor, wu_hat: Tensor) -> Tensor:
     """Solve ``wᵀy = α + wᵀû tanh(α + b)`` for ``α = wᵀx``, then ``x = y − û tanh(α + b)``."""
-    s = y @ w
+    s = _dot(y, w)
 
     def g(alpha: Tensor) -> tuple[Tensor, Tensor]:
         t = torch.tanh(alpha + b)
