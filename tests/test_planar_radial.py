@@ -2,11 +2,37 @@ import pytest
 import torch
 
 from vi_flows.distributions import FlowDistribution, StandardNormal
-from vi_flows.transforms import ComposeFlow, Planar, Radial
+from vi_flows.transforms import ComposeFlow, Planar, PlanarStack, Radial, RadialStack
 
+from .conftest import cuda
 from .flow_checks import BATCH_SHAPES, check_gradients_reach_all, check_ladj, check_round_trip, grid_mass
 
 FAMILIES = [Planar, Radial]
+
+
+def test_stacks_equal_their_layers_composed():
+    """PlanarStack/RadialStack (packed parameters) compute exactly the composed single layers."""
+    torch.manual_seed(7)
+    for stack_cls, layer_cls, names in [(PlanarStack, Planar, ("u", "w", "b")),
+                                        (RadialStack, Radial, ("x0", "alpha_raw", "beta_raw"))]:
+        packed = stack_cls(3, 4).double()
+        with torch.no_grad():
+            for p in packed.parameters():
+                p.normal_(0, 0.7)
+        layers = []
+        for k in range(4):
+            layer = layer_cls(3).double()
+            with torch.no_grad():
+                for n in names:
+                    getattr(layer, n).copy_(getattr(packed, n)[k])
+            layers.append(layer)
+        x = torch.randn(10, 3, dtype=torch.float64)
+        y, ladj = packed.call_and_ladj(x)
+        y_ref, ladj_ref = ComposeFlow(layers).call_and_ladj(x)
+        torch.testing.assert_close(y, y_ref)
+        torch.testing.assert_close(ladj, ladj_ref)
+        check_ladj(packed, x[:3])
+        check_round_trip(packed, x)
 
 
 def _make(cls, d, seed=0):
@@ -157,3 +183,16 @@ def test_wrong_last_dimension():
         t(torch.randn(4, 2))
     with pytest.raises(ValueError, match="last dimension 3"):
         t.inv(torch.randn(4, 2))
+
+
+@cuda
+@pytest.mark.parametrize("cls", [Planar, PlanarStack, Radial, RadialStack])
+def test_math_on_cuda(cls):
+    torch.manual_seed(0)
+    t = (cls(3, 4) if cls in (PlanarStack, RadialStack) else cls(3)).double().cuda()
+    with torch.no_grad():
+        for p in t.parameters():
+            p.normal_(0, 0.7)
+    x = torch.randn(6, 3, dtype=torch.float64, device="cuda")
+    check_ladj(t, x)
+    check_round_trip(t, x, atol=1e-9)
