@@ -202,6 +202,10 @@ def test_global_latents_in_plates_and_subsample_error():
     guide = AutoPlanar(model, num_flows=3)
     losses = _train(model, guide, y, steps=50, lr=0.05)
     assert losses[-1] < losses[0] and guide(y)["theta"].shape == (3,)
+    # summaries of a site inside a plate keep the site's own shape
+    assert guide.median(y)["theta"].shape == (3,)
+    q = guide.quantiles([0.1, 0.9], y)["theta"]
+    assert q.shape == (2, 3) and (q[0] < q[1]).all()
 
     def local_model(y):
         with pyro.plate("data", 100, subsample_size=10) as idx:

@@ -7,26 +7,34 @@ Guides (drop-in beside ``AutoNormal``): :class:`AutoPlanar`, :class:`AutoRadial`
 """
 
 from . import transforms
+from .amortized import AmortizedFlow
+from .density import DensityFit, FlowDensity, fit_density
 from .diagnostics import Diagnostics, LooResult, diagnose, loo, plot_density_2d, plot_weights, to_inference_data
 from .distributions import AffineNormal, FlowDistribution, StandardNormal
-from .guides import AutoCNF, AutoFlow, AutoIAF, AutoPlanar, AutoRadial
+from .guides import AutoCNF, AutoFlow, AutoIAF, AutoPlanar, AutoRadial, AutoRealNVP, AutoSylvester
 from .training import FitResult, fit
 
 __version__ = "0.1.0"
 __all__ = [
     "AffineNormal",
+    "AmortizedFlow",
     "AutoCNF",
     "AutoFlow",
     "AutoIAF",
     "AutoPlanar",
     "AutoRadial",
+    "AutoRealNVP",
+    "AutoSylvester",
+    "DensityFit",
     "Diagnostics",
     "FitResult",
+    "FlowDensity",
     "FlowDistribution",
     "LooResult",
     "StandardNormal",
     "diagnose",
     "fit",
+    "fit_density",
     "loo",
     "plot_density_2d",
     "plot_weights",

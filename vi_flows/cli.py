@@ -1,30 +1,103 @@
-"""``vi-flows`` command line."""
+"""``vi-flows`` command line: ``demo``, ``fit`` and ``diagnose``.
+
+Exit codes: 0 success; 1 the fit (or the model) failed, with a one-line message
+saying why; 2 a usage error (bad option, model or data file that cannot be
+loaded, a run folder that is not one). ``--traceback`` shows the full error.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+GUIDES = ("normal", "planar", "radial", "iaf", "cnf")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vi-flows", description="Normalizing-flow variational inference for Pyro.")
     sub = parser.add_subparsers(dest="command", required=True)
+
     demo = sub.add_parser("demo", help="fit flow guides to a 2-D energy and eight schools; print diagnostics")
     demo.add_argument("--quick", action="store_true", help="a quarter of the steps (for smoke tests)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default=".", help="folder for demo_densities.png (default: current folder)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    fit = sub.add_parser(
+        "fit",
+        help="fit a guide to a model function; write posterior.nc, summary.csv, diagnostics.json, elbo.csv/png",
+        description="Fit a guide to MODULE:FUNCTION called as FUNCTION(**data) and write a run folder.",
+    )
+    fit.add_argument("model", metavar="MODULE:FUNCTION", help="path/to/file.py:model or package.module:model")
+    fit.add_argument("--guide", choices=GUIDES, default="iaf", help="guide family (default: iaf)")
+    fit.add_argument("--steps", type=_positive_int, default=2000, help="maximum SVI steps (default: 2000)")
+    fit.add_argument("--data", help=".csv (columns), .json (object) or .npz (arrays): keyword arguments of the model")
+    fit.add_argument("--flows", type=_positive_int, help="number of flow layers (planar/radial: 16, iaf: 2)")
+    fit.add_argument("--lr", type=_positive_float, default=1e-2, help="Adam learning rate (default: 0.01)")
+    fit.add_argument("--particles", type=_positive_int, default=1, help="ELBO particles per step (default: 1)")
+    fit.add_argument("--samples", type=_positive_int, default=1000, help="guide draws for the report (default 1000)")
+    fit.add_argument("--device", help="torch device for the data and guide, e.g. cuda")
+    fit.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    fit.add_argument(
+        "--nproc", type=_positive_int, default=1,
+        help="data-parallel processes on this machine (re-launches itself through torch.distributed.run)",
+    )
+    fit.add_argument("--out", default="vi_flows_run", help="run folder (default: ./vi_flows_run)")
+    fit.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    fit.add_argument("--quiet", action="store_true", help="no progress bar and no report")
+    fit.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
+
+    diagnose = sub.add_parser("diagnose", help="re-read a run folder written by fit and print its report")
+    diagnose.add_argument("run_dir", metavar="RUN_DIR")
+    diagnose.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Run the command line on ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed the usage error (2) or the help (0)
+        return int(e.code or 0)
     if args.command == "demo":
         from .demo import run_demo
 
         run_demo(quick=args.quick, seed=args.seed, out=args.out, progress=not args.quiet)
-    return 0
+        return 0
+    if args.command == "fit" and args.nproc > 1:
+        from .distributed import launched
 
+        if not launched():
+            return _relaunch(args.nproc, sys.argv[1:] if argv is None else list(argv))
+    from . import _cli_run
+
+    return _cli_run.run(args)
+
+
+def _relaunch(nproc: int, argv: list[str]) -> int:
+    from .distributed import relaunch
+
+    return relaunch(nproc, ["--module", "vi_flows"], argv)
 
 if __name__ == "__main__":
     sys.exit(main())

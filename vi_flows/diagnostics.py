@@ -24,6 +24,7 @@ References:
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +43,18 @@ if TYPE_CHECKING:
     import arviz
     from matplotlib.figure import Figure
 
-__all__ = ["Diagnostics", "LooResult", "diagnose", "to_inference_data", "loo", "plot_density_2d", "plot_weights"]
+__all__ = [
+    "Diagnostics",
+    "LooResult",
+    "diagnose",
+    "load_inference_data",
+    "loo",
+    "plot_density_2d",
+    "plot_weights",
+    "save_inference_data",
+    "summary",
+    "to_inference_data",
+]
 
 PARTICLE_PLATE = "_num_samples"
 
@@ -573,6 +585,44 @@ def to_inference_data(
         if posterior_predictive:
             groups["posterior_predictive"] = _group([_predictive_arrays(d) for d in draws], pyro)
     return az.InferenceData(**groups)
+
+
+def summary(idata: arviz.InferenceData, **kwargs) -> pd.DataFrame:
+    """``az.summary(idata, **kwargs)`` of the posterior group (mean, sd, HDI, ESS, R-hat per element).
+
+    With one chain (one guide) R-hat is undefined and shows as NaN; ArviZ's warnings about it are silenced.
+    """
+    import logging
+
+    az = _az()
+    logger = getattr(az, "_log", None) or logging.getLogger("arviz")  # ArviZ's logger is not in logging's registry
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # "Shape validation failed" for a single chain
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return az.summary(idata, **kwargs)
+    finally:
+        logger.setLevel(level)
+
+
+def save_inference_data(idata: arviz.InferenceData, path: str | os.PathLike) -> None:
+    """Write ``idata`` to a netCDF-4 file with the ``h5netcdf`` engine (an ArviZ dependency).
+
+    InferenceData stores one netCDF group per ArviZ group, which netCDF-3 (xarray's ``scipy`` engine) cannot.
+    """
+    idata.to_netcdf(os.fspath(path), engine="h5netcdf")
+
+
+def load_inference_data(path: str | os.PathLike) -> arviz.InferenceData:
+    """Read an InferenceData written by :func:`save_inference_data` (all groups loaded into memory)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"path must be an existing netCDF file, got {path!r}")
+    idata = _az().from_netcdf(path, engine="h5netcdf")
+    for group in idata.groups():
+        idata[group].load()
+    return idata
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ Sampling and ``log q`` cost one pass through the stack.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager
@@ -36,7 +37,7 @@ from .transforms.base import ComposeFlow, FlowTransform, check_hidden_dims
 from .transforms.planar import PlanarStack
 from .transforms.radial import RadialStack
 
-__all__ = ["AutoFlow", "AutoPlanar", "AutoRadial", "AutoIAF", "AutoCNF"]
+__all__ = ["AutoFlow", "AutoPlanar", "AutoRadial", "AutoIAF", "AutoCNF", "AutoRealNVP", "AutoSylvester"]
 
 TransformsArg = Sequence[FlowTransform] | FlowTransform | Callable[[int], Sequence[FlowTransform] | FlowTransform]
 
@@ -315,13 +316,28 @@ class AutoFlow(AutoContinuous):
         self._arg_shapes = shapes
 
     # --------------------------------------------------------- summaries
+    def _unpack_draws(self, latent: Tensor):
+        """``(site, value)`` with value of shape ``(S,) + site shape`` for draws ``latent (S, d)``.
+
+        Unlike ``_unpack_latent`` the draw dimension stays leftmost, whatever plates the site is in.
+        """
+        pos = 0
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            shape = self._unconstrained_shapes[name]
+            size = math.prod(shape)
+            yield site, latent[:, pos : pos + size].reshape(latent.shape[:1] + shape)
+            pos += size
+
     @torch.no_grad()
-    def _constrained_draws(self, num_samples: int, seed: int | None, args, kwargs) -> dict[str, Tensor]:
+    def _latent_draws(self, num_samples: int, seed: int | None, args, kwargs) -> Tensor:
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         with _seeded(seed, self.loc.device):
-            latent = self.get_posterior(*args, **kwargs).sample((num_samples,))
-        return {site["name"]: self._bijections[site["name"]](u) for site, u in self._unpack_latent(latent)}
+            return self.get_posterior(*args, **kwargs).sample((num_samples,))
+
+    def _constrained_draws(self, num_samples: int, seed: int | None, args, kwargs) -> dict[str, Tensor]:
+        latent = self._latent_draws(num_samples, seed, args, kwargs)
+        return {site["name"]: self._bijections[site["name"]](u) for site, u in self._unpack_draws(latent)}
 
     @torch.no_grad()
     def quantiles(
@@ -346,12 +362,9 @@ class AutoFlow(AutoContinuous):
         correlation Cholesky) get the image of the unconstrained medians, which
         stays inside the support.
         """
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        with _seeded(seed, self.loc.device):
-            latent = self.get_posterior(*args, **kwargs).sample((num_samples,))
+        latent = self._latent_draws(num_samples, seed, args, kwargs)
         result = {}
-        for site, u in self._unpack_latent(latent):
+        for site, u in self._unpack_draws(latent):
             name = site["name"]
             t = self._bijections[name]
             if t.domain.event_dim == 0:
@@ -432,3 +445,61 @@ class AutoCNF(AutoFlow):
         options = dict(hidden_dims=hidden_dims, trace=trace, solver=solver, rtol=rtol, atol=atol, adjoint=adjoint)
         ContinuousFlow(1, **options)  # validate the options now, not at the first step
         super().__init__(model, partial(ContinuousFlow, **options), **kwargs)
+
+
+class AutoRealNVP(AutoFlow):
+    """RealNVP (Dinh et al. 2017) on a Gaussian: affine coupling layers with learned mixing.
+
+    ``num_flows`` :class:`~vi_flows.transforms.AffineCoupling` layers, each
+    preceded by an :class:`~vi_flows.transforms.InvertibleLinear` (Glow's
+    1×1 convolution), built by :func:`~vi_flows.transforms.coupling_stack`.
+    Sampling, ``log q`` of a sample and ``log_prob`` of any point all cost one
+    network pass per layer. The linear layers start at the identity and the
+    couplings at the identity, so the guide starts at its base Gaussian.
+    Default 4 layers of hidden ``(64, 64)``; ``log_scale_bound`` as in
+    :class:`~vi_flows.transforms.AffineCoupling`.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        num_flows: int = 4,
+        hidden_dims: Sequence[int] = (64, 64),
+        log_scale_bound: float = 3.0,
+        **kwargs,
+    ):
+        from .transforms.coupling import check_bound, coupling_stack
+
+        num_flows = _check_num_flows(num_flows)
+        hidden_dims = check_hidden_dims(hidden_dims)
+        log_scale_bound = check_bound(log_scale_bound)
+        make = partial(
+            coupling_stack,
+            num_flows=num_flows,
+            hidden_dims=hidden_dims,
+            linear_init="identity",
+            log_scale_bound=log_scale_bound,
+        )
+        super().__init__(model, make, **kwargs)
+
+
+class AutoSylvester(AutoFlow):
+    """Householder Sylvester flows (van den Berg et al. 2018) on a Gaussian.
+
+    ``num_flows`` :class:`~vi_flows.transforms.Sylvester` layers, each
+    ``z + Q R h(R̃ Qᵀ z + b)`` with ``Q`` a product of ``num_householder``
+    reflections (default ``d``): planar flows generalized from a rank-1 to a
+    full-rank update, still with an O(d) log-determinant. Starts as the
+    identity. Default 4 layers (the paper's VAE experiments use 4-16).
+    """
+
+    def __init__(self, model: Callable, num_flows: int = 4, num_householder: int | None = None, **kwargs):
+        from .transforms.sylvester import Sylvester
+
+        num_flows = _check_num_flows(num_flows)
+        Sylvester(1, num_householder=num_householder)  # validate now, not at the first step
+
+        def make(dim: int) -> list[FlowTransform]:
+            return [Sylvester(dim, num_householder=num_householder) for _ in range(num_flows)]
+
+        super().__init__(model, make, **kwargs)

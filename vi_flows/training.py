@@ -31,6 +31,8 @@ from pyro.infer.util import torch_item, zero_grads
 from pyro.optim import PyroLRScheduler, PyroOptim
 from tqdm.auto import tqdm
 
+from . import distributed as _distributed
+
 __all__ = ["fit", "FitResult"]
 
 _FORMAT = "vi_flows.fit/1"
@@ -131,6 +133,8 @@ def fit(
     resume: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     log_every: int = 10,
+    data: Iterable | None = None,
+    distributed: bool | None = None,
     **kwargs,
 ) -> FitResult:
     """Maximize the ELBO of ``guide`` for ``model(*args, **kwargs)`` by SVI.
@@ -146,11 +150,15 @@ def fit(
         lr: learning rate of the default optimizer (unused when ``optim`` is given).
         loss: a Pyro ELBO; default ``Trace_ELBO(num_particles, vectorize_particles=num_particles > 1)``.
         seed: ``pyro.set_rng_seed(seed)`` before anything else; equal seeds give
-            equal trajectories.
+            equal trajectories. Distributed: the parameters are created under
+            ``seed`` on every rank (then rank 0's are broadcast) and each rank
+            then draws from ``seed + rank``.
         progress: tqdm bar with step, mean ELBO of the last ``log_every`` steps,
-            steps/s; off when stderr is not a terminal.
+            steps/s; off when stderr is not a terminal, and on every rank but 0.
         callbacks: each called after every step as ``cb(step, elbo, guide)``;
             one returning True stops the fit (``converged`` stays False).
+            Distributed: called on every rank; a stop (or an error) on any rank
+            stops all of them at that step (one more small all-reduce per step).
         tol, patience, window: stop once the mean ELBO over a window of
             ``window`` steps changes by a relative ``< tol`` from the previous
             window, ``patience`` windows in a row (Stan's ADVI rule; its 0.01
@@ -163,15 +171,35 @@ def fit(
             per step, by :class:`pyro.optim.ExponentialLR`).
         checkpoint: path written atomically every ``checkpoint_every`` steps and
             at the end: parameters, optimizer state, step, history and RNG
-            states, loadable with ``torch.load(path, weights_only=True)``.
+            states (of every rank), loadable with ``torch.load(path, weights_only=True)``.
+            Distributed: written by rank 0 only.
         resume: a checkpoint to continue from; the run then reproduces the
-            uninterrupted one exactly (same arguments assumed). The model and
+            uninterrupted one exactly (same arguments assumed; distributed: the
+            same number of ranks, else each rank is reseeded). The model and
             guide must be constructed as for the original run; the guide is
             called once to create its parameters, which are then overwritten.
-        device: move tensors in ``args``/``kwargs`` (also inside tuples,
-            lists, dicts) there first; autoguides create their parameters
-            where the model's values live.
+            Distributed: only rank 0 reads the file and broadcasts it.
+        device: move tensors in ``args``/``kwargs`` and batches (also inside
+            tuples, lists, dicts) there first; autoguides create their
+            parameters where the model's values live. Distributed: ``"cuda"``
+            means ``cuda:LOCAL_RANK`` and selects the NCCL backend.
         log_every: steps between progress-bar refreshes.
+        data: an iterable of minibatches (e.g. a ``DataLoader``, with a
+            ``DistributedSampler`` when distributed), cycled for as many epochs
+            as the steps need; step ``k`` calls ``model(*batch, **kwargs)``
+            (``model(**batch, **kwargs)`` for a dict, ``model(batch, **kwargs)``
+            for anything else but a tuple or list), and so the guide. The model
+            must scale its likelihood by ``N / len(batch)``, e.g. with
+            ``pyro.plate("data", N, subsample=batch_indices)``. A sampler's
+            ``set_epoch(epoch)`` is called before each epoch. Excludes ``args``.
+        distributed: data-parallel over a ``torch.distributed`` process group
+            (see :mod:`vi_flows.distributed`): ``None`` turns it on when the
+            process was launched by torchrun or a group is initialized;
+            ``True`` requires it; ``False`` never. Gradients (and the loss) are
+            averaged over the ranks after each backward, so every rank keeps
+            identical parameters, and ``history["elbo"]`` is the global mean.
+            A rank that raises makes every rank raise (the others with
+            :class:`~vi_flows.distributed.RankError` carrying its message).
 
     Raises:
         FloatingPointError: a non-finite loss or gradient, naming the step, the
@@ -190,39 +218,100 @@ def fit(
     _check_args(num_steps, lr, num_particles, tol, patience, window, lr_decay, checkpoint_every, log_every)
     optim = _make_optim(optim, lr, lr_decay, num_steps)
     loss = _make_loss(loss, num_particles)
-    if checkpoint is not None and not os.path.isdir(os.path.dirname(os.path.abspath(checkpoint))):
-        raise ValueError(f"checkpoint must be a path in an existing directory, got {os.fspath(checkpoint)!r}")
+    if data is not None and (args or not isinstance(data, Iterable)):
+        got = f"{len(args)} positional arguments" if args else type(data).__name__
+        raise ValueError(f"data must be an iterable of batches and excludes positional arguments, got {got}")
     callbacks = tuple(callbacks)
     if device is not None:
         device = _check_device(device)
+    ctx = _distributed.init(device) if _distributed.resolve(distributed) else None
+    if ctx is not None:
+        device = ctx.device
+    main = ctx is None or ctx.main
+    if device is not None:
         args, kwargs = _to_device(args, device), _to_device(kwargs, device)
-    if seed is not None:
-        pyro.set_rng_seed(seed)
+    batches = None if data is None else _Batches(data, device)
     plateau = isinstance(optim, PyroLRScheduler) and issubclass(
         optim.pt_scheduler_constructor, torch.optim.lr_scheduler.ReduceLROnPlateau
     )
 
+    # Setup. Distributed, an error on one rank is exchanged at the next collective and raised on all of them.
+    state, error = None, None
+    try:
+        if main and checkpoint is not None and not os.path.isdir(os.path.dirname(os.path.abspath(checkpoint))):
+            raise ValueError(f"checkpoint must be a path in an existing directory, got {os.fspath(checkpoint)!r}")
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        if resume is not None and optim.optim_objs:  # PyroOptim hands saved state only to parameters it has not seen
+            raise ValueError("optim has already stepped; resume needs a fresh optimizer (or optim=None)")
+        if main and resume is not None:
+            state = _load_checkpoint(resume)
+    except Exception as e:
+        if ctx is None:
+            raise
+        error = e
+    if ctx is not None:
+        ctx.agree(error, "before the first step")
+        state = ctx.broadcast_object(state) if resume is not None else None
+
     history = {c: [] for c in _COLUMNS}
+    start = 0 if state is None else state["step"]
+    params, signature = [], None
+    try:
+        if batches is not None:
+            batches.seek(start)
+        if state is not None or ctx is not None:
+            first_args, first_kwargs = (args, kwargs) if batches is None else batches.peek(kwargs)
+            params = _create_params(model, guide, first_args, first_kwargs)
+        if state is not None:
+            history = state["history"]
+            _load_params(state["params"])
+            optim.set_state(state["optim"])
+        store = pyro.get_param_store()
+        signature = [(store.param_name(p), tuple(p.shape), str(p.dtype)) for p in params]
+    except Exception as e:
+        if ctx is None:
+            raise
+        error = e
+    sync = None
+    if ctx is not None:
+        signatures = ctx.agree(error, "creating the parameters", signature)
+        if any(s != signatures[0] for s in signatures):
+            raise ValueError(f"the ranks created different parameters (name, shape, dtype): {signatures}")
+        ctx.broadcast_(params)
+        sync = _distributed.GradientSync(ctx, params)
+    _seed_stream(state, seed, ctx, start)
+
     stopper = None if tol is None else _Convergence(tol, window, patience)
     converged = False
-    start = 0
-    if resume is not None:
-        history, start = _resume(resume, model, guide, args, kwargs, optim)
-        if stopper is not None:
-            converged = any([stopper.update(s, e) for s, e in zip(history["step"], history["elbo"])])
+    if stopper is not None and state is not None:
+        converged = any([stopper.update(s, e) for s, e in zip(history["step"], history["elbo"])])
 
     def save(step: int) -> None:
-        _save_atomic(_checkpoint_state(step, optim, history), checkpoint)
+        rngs = None if ctx is None else ctx.gather_object(_get_rng_state())  # on every rank: a collective
+        if main:
+            _save_atomic(_checkpoint_state(step, optim, history, rngs), checkpoint)
 
     elapsed0 = history["elapsed"][-1] if history["elapsed"] else 0.0
-    done, saved, in_step = start, start, False
+    done, saved, in_step, agreed_interrupt = start, start, False, False
+    pending = None  # distributed: an error to tell the other ranks at the next collective
     t0 = time.perf_counter()
-    bar = tqdm(total=num_steps, initial=start, disable=None if progress else True, unit="step", desc="fit")
+    bar = tqdm(total=num_steps, initial=start, disable=None if progress and main else True, unit="step", desc="fit")
     try:
         with _DeferredInterrupt() as interrupt, bar:
             for step in range(start + 1, num_steps + 1 if not converged else 0):
                 in_step = True
-                loss_value, grad_norm = _svi_step(step, loss, optim, model, guide, args, kwargs)
+                if sync is None:
+                    step_args, step_kwargs = (args, kwargs) if batches is None else batches.next(kwargs)
+                    loss_value, grad_norm = _svi_step(step, loss, optim, model, guide, step_args, step_kwargs)
+                else:
+                    outcome = _distributed_step(
+                        step, loss, optim, model, guide, args, kwargs, batches, sync, pending, interrupt.requested
+                    )
+                    if outcome is None:  # a rank was interrupted during the step before; this one is discarded
+                        in_step, agreed_interrupt = False, True
+                        raise KeyboardInterrupt
+                    loss_value, grad_norm = outcome
                 lr_used = _current_lr(optim)
                 if plateau:
                     optim.step(loss_value)
@@ -235,27 +324,64 @@ def fit(
                 done, in_step = step, False
                 converged = stopper is not None and stopper.update(step, elbo)
                 stop = False
-                for cb in callbacks:
-                    stop = bool(cb(step, elbo, guide)) or stop
+                try:
+                    for cb in callbacks:
+                        stop = bool(cb(step, elbo, guide)) or stop
+                except Exception as e:
+                    if ctx is None:
+                        raise
+                    pending = e
+                if ctx is not None and callbacks:  # a stop or error on any rank ends every rank at this step
+                    failed, stop = ctx.any(pending is not None, stop)
+                    if failed:
+                        ctx.agree(pending, f"in a callback at step {step}")
                 if checkpoint is not None and step % checkpoint_every == 0:
-                    save(step)
+                    pending = _guarded(save, step, ctx, pending)
                     saved = step
                 if not bar.disable and (step % log_every == 0 or step == num_steps):
                     bar.set_postfix(elbo=f"{np.mean(history['elbo'][-log_every:]):.6g}", refresh=False)
                     bar.update(step - bar.n)
-                if interrupt.requested:
+                if interrupt.requested and sync is None:
                     raise KeyboardInterrupt
-                if stop or converged:
+                if stop or converged:  # converged is the same on every rank: the ELBO is the global one
                     break
     except KeyboardInterrupt:
-        if checkpoint is not None and not in_step and saved != done:
+        if checkpoint is not None and not in_step and saved != done and (ctx is None or agreed_interrupt):
             save(done)
         raise
     if checkpoint is not None and saved != done:
-        save(done)
+        pending = _guarded(save, done, ctx, pending)
+    if ctx is not None:
+        ctx.agree(pending, f"after step {done}")
     frame = pd.DataFrame(history, columns=list(_COLUMNS))
     elapsed = history["elapsed"][-1] if history["elapsed"] else 0.0
     return FitResult(guide=guide, history=frame, converged=converged, num_steps=done, elapsed=elapsed)
+
+
+def _guarded(save, step: int, ctx, pending):
+    """Run ``save(step)``; distributed, keep its error for the next collective instead of leaving the others waiting."""
+    try:
+        save(step)
+    except Exception as e:
+        if ctx is None:
+            raise
+        return pending or e
+    return pending
+
+
+def _seed_stream(state, seed: int | None, ctx, start: int) -> None:
+    """Set the random stream for the steps: the checkpoint's, or ``seed + rank``."""
+    if ctx is None:
+        if state is not None:
+            _set_rng_state(state["rng"])
+        return
+    ranks = None if state is None else state.get("rng_ranks")
+    if ranks is not None and len(ranks) == ctx.world_size:
+        _set_rng_state(ranks[ctx.rank])
+    elif seed is not None:
+        pyro.set_rng_seed(seed + ctx.rank + ctx.world_size * start)  # start > 0: resumed on another number of ranks
+    else:  # torch's default seed is the same in every process: the ranks would draw the same minibatches
+        pyro.set_rng_seed(random.SystemRandom().randrange(2**31))
 
 
 # ---- arguments ------------------------------------------------------------------------------------------------------
@@ -337,13 +463,110 @@ def _svi_step(step: int, loss: ELBO, optim: PyroOptim, model, guide, args, kwarg
     """``SVI.step`` with the gradients checked before the optimizer runs. Returns (loss, gradient norm)."""
     with poutine.trace(param_only=True) as capture:
         loss_value = torch_item(loss.loss_and_grads(model, guide, *args, **kwargs))
-    params = list({site["value"].unconstrained(): None for site in capture.trace.nodes.values()})
+    return _apply_step(step, loss_value, _traced_params(capture), optim, model, guide, args, kwargs)
+
+
+def _distributed_step(step, loss, optim, model, guide, args, kwargs, batches, sync, pending, interrupt):
+    """One step whose gradients and loss are averaged across ranks, with the flags of every rank.
+
+    Returns (global loss, gradient norm), or None when a rank was interrupted
+    during the step before (this step is then discarded). Raises on every
+    rank if one failed, now or (``pending``) after the step before.
+    """
+    error, loss_value = pending, math.nan
+    if error is None:
+        try:
+            if batches is not None:
+                args, kwargs = batches.next(kwargs)
+            with poutine.trace(param_only=True) as capture:
+                loss_value = torch_item(loss.loss_and_grads(model, guide, *args, **kwargs))
+            new = sync.unknown(_traced_params(capture))
+            if new:
+                names = [pyro.get_param_store().param_name(p) for p in new]
+                raise ValueError(f"a distributed fit needs all parameters at step 1; step {step} created {names}")
+        except Exception as e:
+            error = e
+    loss_value, failed, interrupt = sync(loss_value, error is not None, interrupt)
+    if failed or interrupt:
+        zero_grads(sync.params)
+    if failed:
+        sync.ctx.agree(error, f"at step {step}")
+    if interrupt:
+        return None
+    return _apply_step(step, loss_value, sync.params, optim, model, guide, args, kwargs)
+
+
+def _traced_params(capture) -> list[torch.Tensor]:
+    return list({site["value"].unconstrained(): None for site in capture.trace.nodes.values()})
+
+
+def _apply_step(step: int, loss_value: float, params, optim: PyroOptim, model, guide, args, kwargs):
     grad_norm = _grad_norm([p.grad for p in params if p.grad is not None])
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         _guard(step, loss_value, params, model, guide, args, kwargs)
     optim(params)
     zero_grads(params)
     return loss_value, grad_norm
+
+
+class _Batches:
+    """The steps' arguments from an iterable of minibatches, cycled epoch after epoch.
+
+    Calls ``sampler.set_epoch(epoch)`` before each epoch when ``data`` has
+    one (``DistributedSampler`` reshuffles by it). Batches are drawn under
+    ``torch.random.fork_rng``: loading leaves the global stream alone, so
+    the batch of step ``k`` does not depend on the model's draws, and
+    :meth:`seek` finds it again after a resume.
+    """
+
+    def __init__(self, data: Iterable, device: torch.device | None):
+        self.data, self.device = data, device
+        self.epoch, self._it, self._fresh, self._peeked = 0, None, False, None
+
+    def seek(self, done: int) -> None:
+        """Position after ``done`` steps."""
+        skip = done
+        if hasattr(self.data, "__len__") and len(self.data) > 0:
+            self.epoch, skip = divmod(done, len(self.data))
+        for _ in range(skip):
+            self._raw()
+
+    def peek(self, kwargs: dict) -> tuple[tuple, dict]:
+        if self._peeked is None:
+            self._peeked = self._raw()
+        return self._as_args(self._peeked, kwargs)
+
+    def next(self, kwargs: dict) -> tuple[tuple, dict]:
+        batch = self._raw() if self._peeked is None else self._peeked
+        self._peeked = None
+        return self._as_args(batch, kwargs)
+
+    def _raw(self):
+        with torch.random.fork_rng(devices=[]):
+            while True:
+                if self._it is None:
+                    sampler = getattr(self.data, "sampler", None)
+                    if hasattr(sampler, "set_epoch"):
+                        sampler.set_epoch(self.epoch)
+                    self._it, self._fresh = iter(self.data), True
+                try:
+                    batch = next(self._it)
+                except StopIteration:
+                    if self._fresh:
+                        raise ValueError(f"data must yield batches, got none in epoch {self.epoch}") from None
+                    self._it, self.epoch = None, self.epoch + 1
+                    continue
+                self._fresh = False
+                return batch
+
+    def _as_args(self, batch, kwargs: dict) -> tuple[tuple, dict]:
+        if self.device is not None:
+            batch = _to_device(batch, self.device)
+        if isinstance(batch, dict):
+            return (), {**kwargs, **batch}
+        if isinstance(batch, (tuple, list)):
+            return tuple(batch), kwargs
+        return (batch,), kwargs
 
 
 def _current_lr(optim: PyroOptim) -> float:
@@ -426,17 +649,23 @@ class _DeferredInterrupt:
 # ---- checkpoints ----------------------------------------------------------------------------------------------------
 
 
-def _checkpoint_state(step: int, optim: PyroOptim, history: dict) -> dict:
-    """The parameters saved are those the optimizer has stepped: the model's and guide's."""
+def _checkpoint_state(step: int, optim: PyroOptim, history: dict, rngs: list | None = None) -> dict:
+    """The parameters saved are those the optimizer has stepped: the model's and guide's.
+
+    Distributed, ``rng`` is rank 0's state and ``rng_ranks`` every rank's.
+    """
     store = pyro.get_param_store()
-    return {
+    state = {
         "format": _FORMAT,
         "step": step,
         "params": {store.param_name(p): p.detach() for p in optim.optim_objs if store.param_name(p) is not None},
         "optim": optim.get_state(),
         "history": history,
-        "rng": _get_rng_state(),
+        "rng": _get_rng_state() if rngs is None else rngs[0],
     }
+    if rngs is not None:
+        state["rng_ranks"] = rngs
+    return state
 
 
 def _save_atomic(obj, path) -> None:
@@ -454,24 +683,24 @@ def _save_atomic(obj, path) -> None:
         raise
 
 
-def _resume(path, model, guide, args, kwargs, optim: PyroOptim) -> tuple[dict, int]:
-    """Load a checkpoint into the param store, optimizer and RNGs; return its history and step."""
-    if optim.optim_objs:  # PyroOptim hands saved state only to parameters it has not seen yet
-        raise ValueError("optim has already stepped; resume needs a fresh optimizer (or optim=None)")
+def _load_checkpoint(path) -> dict:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         raise ValueError(f"resume must be a checkpoint written by fit, got {os.fspath(path)!r}")
-    _load_params(model, guide, args, kwargs, state["params"])
-    optim.set_state(state["optim"])
-    _set_rng_state(state["rng"])  # last: everything above may draw random numbers
-    return state["history"], state["step"]
+    return state
 
 
-def _load_params(model, guide, args, kwargs, saved: dict) -> None:
-    """Create the guide's (and model's) parameters with one blocked run, then overwrite them in place."""
-    with poutine.block():
+def _create_params(model, guide, args, kwargs) -> list[torch.Tensor]:
+    """Create the guide's (and model's) parameters with one blocked run; return them (unconstrained), sorted by name."""
+    with poutine.block(), poutine.trace(param_only=True) as capture:
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         poutine.replay(model, trace=guide_trace)(*args, **kwargs)
+    store = pyro.get_param_store()
+    return sorted(_traced_params(capture), key=store.param_name)
+
+
+def _load_params(saved: dict) -> None:
+    """Overwrite the parameters of the param store in place with ``saved``."""
     current = dict(pyro.get_param_store().named_parameters())
     unknown = sorted(set(saved) - set(current))
     if unknown:

@@ -5,27 +5,36 @@ One module per family; every layer is a :class:`FlowTransform` with an exact
 """
 
 from .affine import Affine
-from .autoregressive import InverseAutoregressive, iaf_stack
+from .autoregressive import InverseAutoregressive, MaskedAutoregressive, iaf_stack, maf_stack
 from .base import ComposeFlow, FlowTransform
 from .continuous import ContinuousFlow
+from .coupling import AffineCoupling, coupling_stack
+from .linear import InvertibleLinear
 from .permute import Permute, Reverse
 from .planar import Planar, PlanarStack
 from .radial import Radial, RadialStack
 from .stack import ConditionalComposeFlow, stack
+from .sylvester import Sylvester
 
 __all__ = [
     "Affine",
+    "AffineCoupling",
     "ComposeFlow",
     "ConditionalComposeFlow",
     "ContinuousFlow",
     "FlowTransform",
     "InverseAutoregressive",
+    "InvertibleLinear",
+    "MaskedAutoregressive",
     "Permute",
     "Planar",
     "PlanarStack",
     "Radial",
     "RadialStack",
     "Reverse",
+    "Sylvester",
+    "coupling_stack",
     "iaf_stack",
+    "maf_stack",
     "stack",
 ]

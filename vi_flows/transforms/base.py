@@ -16,7 +16,7 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor
 from torch.distributions import Transform, constraints
 
-__all__ = ["FlowTransform", "ComposeFlow", "check_dim", "check_hidden_dims"]
+__all__ = ["ComposeFlow", "Conditioned", "FlowTransform", "check_dim", "check_hidden_dims"]
 
 
 def check_dim(dim: int, name: str = "dim") -> int:
@@ -42,11 +42,16 @@ class FlowTransform(TransformModule):
     ``_inverse(y)``; ``_call`` and ``log_abs_det_jacobian`` follow from them.
     The last ``(x, y, ladj)`` triple is cached, so ``log_abs_det_jacobian`` of
     a pair just produced costs nothing.
+
+    Conditional layers (a family ``f(·; c)``, ``context_dim > 0``) also
+    implement ``transform(x, context)`` and ``invert(y, context)``, both
+    returning the log-determinant; :meth:`condition` binds a context.
     """
 
     domain = constraints.real_vector
     codomain = constraints.real_vector
     bijective = True
+    context_dim: int = 0
 
     def __init__(self, dim: int, cache_size: int = 1):
         super().__init__(cache_size=cache_size)
@@ -67,6 +72,20 @@ class FlowTransform(TransformModule):
         if self._cache_size:
             state["_cached_x_y"] = None, None
         return state
+
+    def condition(self, context: Tensor) -> Conditioned:
+        """``f(·; context)``, sharing this layer's parameters.
+
+        ``context`` has shape ``(*batch_c, context_dim)``; ``batch_c``
+        broadcasts against the batch of the input, e.g. context ``(B, c)``
+        with inputs ``(B, d)`` or ``(S, B, d)``.
+        """
+        if not self.context_dim:
+            raise ValueError(f"context: {type(self).__name__} has context_dim=0 and takes no context")
+        if not isinstance(context, Tensor) or context.dim() < 1 or context.shape[-1] != self.context_dim:
+            shape = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
+            raise ValueError(f"context must be a tensor of shape (..., {self.context_dim}), got {shape}")
+        return Conditioned(self, context)
 
     def _check_input(self, x: Tensor, arg: str = "x") -> None:
         if x.dim() < 1 or x.shape[-1] != self.dim:
@@ -130,6 +149,33 @@ class FlowTransform(TransformModule):
         if last is not None and x is last[0] and y is last[1]:
             return last[2]
         return self.call_and_ladj(x)[1]
+
+
+class Conditioned(FlowTransform):
+    """A conditional layer bound to one context tensor: ``x ↦ layer(x; context)``.
+
+    ``layer`` provides ``transform(x, context)`` and ``invert(y, context)``
+    (both returning the log-determinant too) and is a submodule, so
+    parameters are shared with it and gradients reach both the parameters and
+    ``context``. Outputs have the broadcast batch shape of input and context.
+    """
+
+    def __init__(self, layer: FlowTransform, context: Tensor):
+        super().__init__(layer.dim)
+        self.layer = layer
+        self.context = context
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, context_shape={tuple(self.context.shape)}"
+
+    def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.layer.transform(x, self.context)
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        return self.layer.invert(y, self.context)[0]
+
+    def _inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self.layer.invert(y, self.context)
 
 
 def _ladj_of(t: Transform, x: Tensor, y: Tensor) -> Tensor:

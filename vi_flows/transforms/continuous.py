@@ -14,7 +14,7 @@ from torchdiffeq import odeint, odeint_adjoint
 from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
-from .base import FlowTransform, check_hidden_dims
+from .base import Conditioned, FlowTransform, check_hidden_dims
 
 __all__ = ["ConcatSquash", "ConditionedFlow", "ContinuousFlow", "ODENet"]
 
@@ -250,14 +250,13 @@ class ContinuousFlow(FlowTransform):
         ctx = f", context_dim={self.context_dim}" if self.context_dim else ""
         return f"dim={self.dim}{ctx}, trace={self.trace!r}, solver={self.solver!r}, rtol={self.rtol}, atol={self.atol}"
 
-    def condition(self, context: Tensor) -> ConditionedFlow:
-        """This flow with ``context (..., context_dim)`` bound; its batch shape broadcasts against ``x``'s."""
-        if not self.context_dim:
-            raise ValueError("condition(context) needs a ContinuousFlow built with context_dim > 0")
-        if not isinstance(context, Tensor) or context.dim() < 1 or context.shape[-1] != self.context_dim:
-            shape = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
-            raise ValueError(f"context must be a tensor with last dimension {self.context_dim}, got {shape}")
-        return ConditionedFlow(self, context)
+    def transform(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(f(x; context), log|det J|)``; the conditional-layer protocol of :meth:`FlowTransform.condition`."""
+        return self.integrate(x, context, reverse=False)
+
+    def invert(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(f⁻¹(y; context), log|det J|)`` at that point, from one backward solve."""
+        return self.integrate(y, context, reverse=True)
 
     def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.integrate(x, self._no_context(), reverse=False)
@@ -317,23 +316,5 @@ def _broadcast_context(context: Tensor, batch_shape: torch.Size) -> Tensor:
     return context.expand(*batch_shape, context.shape[-1])
 
 
-class ConditionedFlow(FlowTransform):
-    """A :class:`ContinuousFlow` with its context bound (from :meth:`ContinuousFlow.condition`); shares parameters."""
-
-    def __init__(self, flow: ContinuousFlow, context: Tensor):
-        super().__init__(flow.dim)
-        self.base_flow = flow
-        self.context = context
-
-    @property
-    def nfe(self) -> int:
-        return self.base_flow.nfe
-
-    def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.base_flow.integrate(x, self.context, reverse=False)
-
-    def _inverse(self, y: Tensor) -> Tensor:
-        return self._inverse_and_ladj(y)[0]
-
-    def _inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self.base_flow.integrate(y, self.context, reverse=True)
+# The bound view used to be its own class here; it is the shared one now.
+ConditionedFlow = Conditioned

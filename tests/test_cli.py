@@ -1,0 +1,250 @@
+"""The ``vi-flows`` command line, run in-process through ``main(argv)``: end to end, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from vi_flows.cli import main
+from vi_flows.diagnostics import load_inference_data
+from vi_flows.io import load_data
+
+MODELS = textwrap.dedent(
+    """
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+
+    def regression(x, y):
+        a = pyro.sample("a", dist.Normal(0.0, 5.0))
+        b = pyro.sample("b", dist.Normal(0.0, 5.0))
+        s = pyro.sample("s", dist.HalfNormal(2.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("y", dist.Normal(a + b * x, s), obs=y)
+
+
+    def no_latent(y):
+        pyro.sample("y", dist.Normal(0.0, 1.0), obs=y)
+
+
+    def discrete(y):
+        k = pyro.sample("k", dist.Bernoulli(0.5))
+        pyro.sample("y", dist.Normal(k, 1.0), obs=y)
+
+
+    def broken(y):
+        raise RuntimeError("shapes do not match\\nsecond line")
+
+
+    def nan_density():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.factor("bad", -torch.exp(1e4 * z.abs()))  # -inf (float32 overflow) almost surely: passes validation
+
+
+    NOT_A_FUNCTION = 3
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    (root / "models.py").write_text(MODELS)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=20)
+    y = 1.0 + 2.0 * x + 0.5 * rng.normal(size=20)
+    (root / "data.csv").write_text("x,y\n" + "".join(f"{a},{b}\n" for a, b in zip(x, y)))
+    (root / "y.json").write_text(json.dumps({"y": 0.3}))
+    return root
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+FAST = ["--steps", "30", "--samples", "64", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def fitted(files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    argv = ["fit", f"{files}/models.py:regression", "--data", f"{files}/data.csv", "--guide", "planar", "--flows", "2"]
+    code = main([*argv, "--out", str(out), *FAST])
+    assert code == 0
+    return out
+
+
+def test_fit_writes_the_run_folder(fitted):
+    assert sorted(p.name for p in fitted.iterdir()) == sorted(
+        ["diagnostics.json", "elbo.csv", "elbo.png", "guide.pt", "posterior.nc", "summary.csv"]
+    )
+    record = json.loads((fitted / "diagnostics.json").read_text())
+    assert record["run"]["guide"] == "planar" and record["run"]["steps"] == 30
+    assert math.isfinite(record["elbo"]) and record["iwae"] >= record["elbo"]  # IWAE ≥ ELBO on the same draws
+    history = pd.read_csv(fitted / "elbo.csv")
+    assert list(history["step"]) == list(range(1, 31))
+    summary = pd.read_csv(fitted / "summary.csv", index_col=0)
+    assert list(summary.index) == ["a", "b", "s"]
+    idata = load_inference_data(fitted / "posterior.nc")
+    assert idata["posterior"]["a"].shape == (1, 64)
+    assert "log_importance_weight" in idata["sample_stats"]
+    # the summary is of the saved draws
+    np.testing.assert_allclose(summary.loc["b", "mean"], float(idata["posterior"]["b"].mean()), atol=1e-3)
+    state = torch.load(fitted / "guide.pt", weights_only=True)
+    assert state["step"] == 30
+
+
+def test_diagnose_rereads_the_run(fitted, capsys):
+    code, out, err = run(["diagnose", fitted], capsys)
+    assert code == 0, err
+    record = json.loads((fitted / "diagnostics.json").read_text())
+    assert f"{record['elbo']:.4f}" in out and f"{record['iwae']:.4f}" in out
+    assert "1 chain x 64 draws" in out and "weights_only=True" in out
+
+
+def test_resume_continues_the_checkpoint(files, tmp_path, capsys):
+    common = ["fit", f"{files}/models.py:regression", "--data", f"{files}/data.csv", "--guide", "normal",
+              "--out", tmp_path, "--samples", "16", "--quiet"]
+    assert run([*common, "--steps", "20"], capsys)[0] == 0
+    first = pd.read_csv(tmp_path / "elbo.csv")
+    assert run([*common, "--steps", "35", "--resume"], capsys)[0] == 0
+    resumed = pd.read_csv(tmp_path / "elbo.csv")
+    assert list(resumed["step"]) == list(range(1, 36))
+    np.testing.assert_array_equal(resumed["elbo"][:20], first["elbo"])
+
+
+def test_data_conventions(tmp_path):
+    (tmp_path / "d.json").write_text('{"n": 3, "scale": 2.5, "y": [[1, 2], [3, 4]]}')
+    data = load_data(tmp_path / "d.json")
+    assert data["n"] == 3 and isinstance(data["n"], int) and data["scale"] == 2.5
+    assert data["y"].dtype == torch.get_default_dtype() and data["y"].shape == (2, 2)
+    np.savez(tmp_path / "d.npz", idx=np.array([0, 1, 1]), x=np.array([0.5, 1.5]), k=np.array(4))
+    data = load_data(tmp_path / "d.npz")
+    assert data["idx"].dtype == torch.int64 and data["x"].dtype == torch.get_default_dtype() and data["k"] == 4
+
+
+# ---- bad input: one line on stderr, the right exit code, no traceback ------------------------------------------------
+
+
+def _bad_files(root):
+    (root / "bad_cell.csv").write_text("x,y\n1.0,2.0\n3.0,abc\n")
+    (root / "ragged.csv").write_text("x,y\n1.0,2.0\n3.0\n")
+    (root / "nan.csv").write_text("x,y\n1.0,2.0\n\n3.0,nan\n")
+    (root / "bad_header.csv").write_text("x,my y\n1.0,2.0\n")
+    (root / "syntax.json").write_text('{"x": [1.0, 2.0],\n "y": [1.0 2.0]}')
+    (root / "inf.json").write_text('{"x": [1.0, Infinity], "y": [1.0, 2.0]}')
+    np.savez(root / "nan.npz", x=np.array([1.0, np.nan]), y=np.array([1.0, 2.0]))
+    (root / "fake.npz").write_bytes(b"not a zip")
+    (root / "data.txt").write_text("x\n1\n")
+    (root / "binary.csv").write_bytes(b"x,y\n1.0,2.0\n\xff\xfe,3\n")
+    (root / "nul.csv").write_bytes(b"x,y\n1.0,2.0\n3.0,\x00\n")
+
+
+CASES = [
+    # (id, argv after "fit", exit code, words the message must contain)
+    ("no colon", ["{r}/models.py"], 2, ["MODULE:FUNCTION"]),
+    ("missing file", ["{r}/nope.py:regression"], 2, ["no such file"]),
+    ("missing module", ["no_such_module_xyz:model"], 2, ["no module named 'no_such_module_xyz'"]),
+    ("missing function", ["{r}/models.py:nope"], 2, ["no function 'nope'", "regression"]),
+    ("not a function", ["{r}/models.py:NOT_A_FUNCTION"], 2, ["not a function"]),
+    ("unparseable cell", ["{r}/models.py:regression", "--data", "{r}/bad_cell.csv"], 2,
+     ["line 3, column 2", "'abc'"]),
+    ("ragged row", ["{r}/models.py:regression", "--data", "{r}/ragged.csv"], 2, ["line 3", "1 fields"]),
+    ("bad header", ["{r}/models.py:regression", "--data", "{r}/bad_header.csv"], 2, ["line 1, column 2"]),
+    ("nan in csv", ["{r}/models.py:regression", "--data", "{r}/nan.csv"], 2, ["line 4, column 2", "finite"]),
+    ("binary csv", ["{r}/models.py:regression", "--data", "{r}/binary.csv"], 2, ["line 3", "UTF-8"]),
+    ("nul in csv", ["{r}/models.py:regression", "--data", "{r}/nul.csv"], 2, ["line 3"]),
+    ("json syntax", ["{r}/models.py:regression", "--data", "{r}/syntax.json"], 2, ["line 2, column"]),
+    ("inf in json", ["{r}/models.py:regression", "--data", "{r}/inf.json"], 2, ["'x'", "inf", "index (1,)"]),
+    ("nan in npz", ["{r}/models.py:regression", "--data", "{r}/nan.npz"], 2, ["'x'", "nan", "index (1,)"]),
+    ("not an npz", ["{r}/models.py:regression", "--data", "{r}/fake.npz"], 2, ["not a readable .npz"]),
+    ("data suffix", ["{r}/models.py:regression", "--data", "{r}/data.txt"], 2, [".csv, .json, .npz"]),
+    ("missing data", ["{r}/models.py:regression"], 2, ["needs 'x', 'y'"]),
+    ("extra data", ["{r}/models.py:no_latent", "--data", "{r}/data.csv"], 2, ["'x' is not a parameter"]),
+    ("unknown guide", ["{r}/models.py:regression", "--guide", "maf"], 2, ["invalid choice: 'maf'"]),
+    ("negative steps", ["{r}/models.py:regression", "--steps", "-5"], 2, ["--steps", "positive integer"]),
+    ("flows for cnf", ["{r}/models.py:regression", "--data", "{r}/data.csv", "--guide", "cnf", "--flows", "3"], 2,
+     ["--flows"]),
+    ("no latent", ["{r}/models.py:no_latent", "--data", "{r}/y.json"], 1, ["no latent"]),
+    ("discrete latent", ["{r}/models.py:discrete", "--data", "{r}/y.json"], 1, ["'k' is discrete", "Bernoulli"]),
+    ("model raises", ["{r}/models.py:broken", "--data", "{r}/y.json"], 1, ["RuntimeError: shapes do not match"]),
+    ("nan guard", ["{r}/models.py:nan_density", "--guide", "normal"], 1, ["non-finite loss", "step 1"]),
+]
+
+
+@pytest.mark.parametrize("argv, code, words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line(files, tmp_path, capsys, argv, code, words):
+    _bad_files(files)
+    argv = [a.format(r=files) for a in argv]
+    got, out, err = run(["fit", *argv, "--out", tmp_path / "run", *FAST], capsys)
+    assert got == code, err
+    assert "Traceback" not in err
+    message = err.strip().splitlines()[-1]
+    for word in words:
+        assert word in message, message
+    if code == 1:
+        assert len(err.strip().splitlines()) == 1  # exactly one line, no torch internals
+
+
+def test_traceback_flag_shows_the_cause(files, tmp_path, capsys):
+    code, _, err = run(["fit", f"{files}/models.py:broken", "--data", f"{files}/y.json", "--out", tmp_path,
+                        "--traceback", *FAST], capsys)
+    assert code == 1 and "Traceback" in err and "shapes do not match" in err
+
+
+def test_diagnose_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    code, _, err = run(["diagnose", tmp_path], capsys)
+    assert code == 2 and "missing" in err and "Traceback" not in err
+    code, _, err = run(["diagnose", tmp_path / "absent"], capsys)
+    assert code == 2 and "no such folder" in err
+
+
+def test_usage_and_help_codes(capsys):
+    assert run([], capsys)[0] == 2
+    code, out, _ = run(["fit", "--help"], capsys)
+    assert code == 0 and "--guide" in out and "--data" in out
+    code, out, _ = run(["demo", "--help"], capsys)
+    assert code == 0 and "--quick" in out
+
+
+def test_interrupted_fit_points_to_resume(files, tmp_path, capsys, monkeypatch):
+    import vi_flows.training
+
+    def interrupted(*args, checkpoint=None, **kwargs):
+        checkpoint.write_bytes(b"")  # fit leaves its last checkpoint behind
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vi_flows.training, "fit", interrupted)
+    code, _, err = run(["fit", f"{files}/models.py:regression", "--data", f"{files}/data.csv", "--out", tmp_path,
+                        *FAST], capsys)
+    assert code == 130 and "interrupted" in err and "--resume" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_usage_error(files, tmp_path, capsys):
+    code, _, err = run(["fit", f"{files}/models.py:regression", "--data", f"{files}/data.csv", "--device", "cuda",
+                        "--out", tmp_path, *FAST], capsys)
+    assert code == 2 and "CUDA is not available" in err
+
+
+def test_fit_with_two_processes(files, tmp_path):
+    """``--nproc 2`` re-launches through torchrun's engine (gloo on loopback); rank 0 writes the run folder."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "vi_flows", "fit", f"{files}/models.py:regression", "--data", f"{files}/data.csv",
+            "--guide", "planar", "--flows", "2", "--nproc", "2", "--out", str(tmp_path / "run"), *FAST]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((tmp_path / "run" / "diagnostics.json").read_text())
+    assert record["run"]["steps"] == 30 and math.isfinite(record["elbo"])
+    assert list(pd.read_csv(tmp_path / "run" / "elbo.csv")["step"]) == list(range(1, 31))

@@ -1,0 +1,218 @@
+"""Data-parallel SVI on ``torch.distributed``, as launched by ``torchrun``.
+
+Every rank runs the same model and guide on its own minibatch and random
+draws; after each backward the gradients are averaged across ranks,
+
+    ḡ = (1/R) Σ_r ∇ loss_r,
+
+so the update is that of one process whose minibatch is the union of the
+ranks' (each ``loss_r`` is an unbiased estimate of the full-data loss), and
+all ranks keep identical parameters. One all-reduce per step carries every
+gradient, the loss and two flags (failed, interrupted), so a failing rank
+is reported on every rank instead of leaving the others blocked in a
+collective; the collectives' timeout bounds the wait for a rank that hangs.
+See ``docs/scaling.md``.
+
+Gradients are reduced by hand rather than by ``DistributedDataParallel``:
+Pyro keeps parameters in its param store, created lazily by the model and
+guide, not in one ``nn.Module`` whose forward computes the loss, and the
+flat buffer costs one collective per step, as DDP's buckets do for models
+this size.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Context", "GradientSync", "RankError", "init", "is_main", "launched", "relaunch", "resolve"]
+
+#: torchrun's variables that describe the process group (read by ``init_method="env://"``).
+ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+DEFAULT_TIMEOUT = 300.0
+
+
+class RankError(RuntimeError):
+    """Raised on every rank but the failing one, with the failing rank's message."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """This process's place in the group: ``rank`` of ``world_size``; ``device`` its data and parameters live on."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device | None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    # ---- collectives used outside the step: rare, pickled ------------------------------------------------------------
+
+    def broadcast_object(self, obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self._object_device)
+        return box[0]
+
+    def gather_object(self, obj) -> list:
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def any(self, *flags: bool) -> tuple[bool, ...]:
+        """Whether each flag is set on any rank (one small all-reduce)."""
+        t = torch.tensor(flags, dtype=torch.int32, device=self._object_device)
+        dist.all_reduce(t)
+        return tuple(bool(v) for v in t.tolist())
+
+    def agree(self, error: BaseException | None, where: str, payload=None) -> list:
+        """Exchange ``(error message, payload)``; raise on every rank if any rank failed. Returns all payloads.
+
+        The failing rank (the lowest one, if several) re-raises its own exception;
+        the others raise :class:`RankError` with its message.
+        """
+        message = None if error is None else f"{type(error).__name__}: {error}"
+        gathered = self.gather_object((message, payload))
+        failed = [(r, m) for r, (m, _) in enumerate(gathered) if m is not None]
+        if failed:
+            rank, first = failed[0]
+            if rank == self.rank:
+                raise error
+            raise RankError(f"rank {rank} of {self.world_size} failed {where}: {first}") from error
+        return [p for _, p in gathered]
+
+    def broadcast_(self, tensors: list[torch.Tensor]) -> None:
+        """Overwrite ``tensors`` in place with rank 0's values."""
+        with torch.no_grad():
+            for t in tensors:
+                dist.broadcast(t.data, src=0)
+
+    @property
+    def _object_device(self):
+        return self.device if self.device is not None and self.device.type == "cuda" else None
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or anything else that sets its variables)."""
+    return all(v in os.environ for v in ENV_VARS)
+
+
+def relaunch(nproc: int, target: list[str], argv: list[str]) -> int:
+    """Start ``nproc`` copies of ``target + argv`` under torchrun's engine (``--standalone``); return 0 or 1.
+
+    ``target`` is ``["--module", "pkg"]`` or ``[script_path]``. The copies find torchrun's
+    variables, so :func:`launched` is true there and :func:`vi_flows.fit` joins the group. A
+    ``--nproc N`` in ``argv`` is dropped: torchrun would read it as its own ``--nproc-per-node``.
+    """
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    child, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--nproc="):
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        else:
+            child.append(a)
+    try:
+        torchrun.main(["--standalone", f"--nproc_per_node={nproc}", *target, *child])
+    except ChildFailedError as e:
+        print(f"{e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def resolve(distributed: bool | None) -> bool:
+    """``None``: on under torchrun or inside an initialized process group; ``True``: required; ``False``: off."""
+    if distributed is None:
+        return (dist.is_available() and dist.is_initialized()) or launched()
+    if not isinstance(distributed, bool):
+        raise ValueError(f"distributed must be True, False or None (auto), got {distributed!r}")
+    if distributed and not ((dist.is_available() and dist.is_initialized()) or launched()):
+        missing = [v for v in ENV_VARS if v not in os.environ]
+        raise ValueError(
+            "distributed=True needs an initialized torch.distributed process group or torchrun's environment; "
+            f"missing {', '.join(missing)} (launch with `torchrun --nproc_per_node N script.py`)"
+        )
+    return distributed
+
+
+def init(device: torch.device | None = None, timeout: float = DEFAULT_TIMEOUT) -> Context:
+    """Join the process group torchrun describes, initializing it if the caller has not.
+
+    Backend gloo for CPU, NCCL when ``device`` is CUDA, which then becomes
+    ``cuda:LOCAL_RANK`` (one device per local rank). ``timeout`` (seconds)
+    bounds every collective, so a rank that stops answering ends the others
+    with an error instead of a hang.
+    """
+    if not dist.is_available():
+        raise RuntimeError("torch.distributed is not available in this build of torch")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if cuda:
+        device = torch.device("cuda", local_rank if torch.device(device).index is None else torch.device(device).index)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout))
+        atexit.register(_destroy)
+    if dist.get_backend() == "nccl" and not cuda:
+        raise ValueError(f"the process group uses NCCL, which needs device='cuda'; got device={device!r}")
+    return Context(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main() -> bool:
+    """True in rank 0 of an initialized group, or outside any group: guard a script's own outputs with it."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class GradientSync:
+    """Average ``params``' gradients across ranks in one all-reduce, with the loss and the flags riding along.
+
+    The loss travels as two numbers of the buffer's dtype, ``hi = float(loss)``
+    rounded and ``lo = loss − hi``, so the global mean keeps float64 accuracy
+    in a float32 buffer.
+    """
+
+    def __init__(self, ctx: Context, params: list[torch.Tensor]):
+        self.ctx, self.params = ctx, params
+        self._ids = {id(p) for p in params}
+        self.dtype = params[0].dtype if params else torch.get_default_dtype()
+        for p in params[1:]:
+            self.dtype = torch.promote_types(self.dtype, p.dtype)
+        self.device = params[0].device if params else (ctx.device or torch.device("cpu"))
+        self.numel = sum(p.numel() for p in params)
+
+    def unknown(self, params) -> list[torch.Tensor]:
+        """Parameters of this step that were not there when the sync was set up."""
+        return [p for p in params if id(p) not in self._ids]
+
+    def __call__(self, loss: float, failed: bool = False, interrupt: bool = False):
+        """Average gradients in place. Returns (mean loss, any rank failed, any rank interrupted)."""
+        parts = [p.grad.reshape(-1).to(self.dtype) if p.grad is not None else p.new_zeros(p.numel(), dtype=self.dtype)
+                 for p in self.params]  # fmt: skip
+        hi = torch.tensor(loss, dtype=self.dtype).item()
+        tail = torch.tensor([hi, loss - hi, failed, interrupt], dtype=self.dtype, device=self.device)
+        buffer = torch.cat([*parts, tail])
+        dist.all_reduce(buffer)
+        buffer /= self.ctx.world_size
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                p.grad = buffer[offset : offset + p.numel()].view_as(p).to(p.dtype)
+                offset += p.numel()
+        hi, lo, *flags = buffer[offset:].tolist()
+        return (hi + lo, *(f > 0 for f in flags))
