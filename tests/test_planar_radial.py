@@ -196,3 +196,26 @@ def test_math_on_cuda(cls):
     x = torch.randn(6, 3, dtype=torch.float64, device="cuda")
     check_ladj(t, x)
     check_round_trip(t, x, atol=1e-9)
+
+
+@pytest.mark.parametrize("cls", FAMILIES)
+def test_cache_is_not_stale_after_an_optimizer_step(cls):
+    """Fitting a fixed data tensor: the same tensor object must not hit a cache from before the step."""
+    torch.manual_seed(5)
+    t = cls(2).double()
+    data = torch.randn(50, 2, dtype=torch.float64)
+    dist = lambda: FlowDistribution(StandardNormal(2, dtype=torch.float64), t)  # noqa: E731
+    opt = torch.optim.SGD(t.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = -dist().log_prob(data).mean()
+        loss.backward()  # a stale cache would backward through a freed graph here
+        opt.step()
+    fresh = -dist().log_prob(data.clone()).mean()
+    again = -dist().log_prob(data).mean()
+    torch.testing.assert_close(again, fresh)
+    y = t(data)
+    with torch.no_grad():
+        for p in t.parameters():
+            p.add_(0.1)
+    assert not torch.equal(t(data), y)

@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from pyro.nn import AutoRegressiveNN, ConditionalAutoRegressiveNN
 from torch import Tensor, nn
 
-from .base import ComposeFlow, Conditioned, FlowTransform, check_dim, check_hidden_dims
+from .base import ComposeFlow, ConditionalFlowTransform, Conditioned, check_dim, check_hidden_dims
 from .permute import check_permutation
 from .stack import stack
 
 __all__ = ["Conditioned", "InverseAutoregressive", "MaskedAutoregressive", "iaf_stack", "maf_stack"]
 
 
-class InverseAutoregressive(FlowTransform):
+class InverseAutoregressive(ConditionalFlowTransform):
     r"""``y = σ ⊙ x + (1 − σ) ⊙ m`` with ``σ = sigmoid(s + b)``, ``(m, s) = MADE(x)``.
 
     ``m_i`` and ``s_i`` depend only on the coordinates before ``i`` in
@@ -130,32 +130,6 @@ class InverseAutoregressive(FlowTransform):
             x = torch.where(self.rank == k, m + (y - m) / torch.sigmoid(logit), x)
         # The last pass saw every coordinate but the final one, on which no (m, s) depends.
         return x, F.logsigmoid(logit).sum(-1)
-
-    def _broadcast(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        if not self.context_dim:
-            return x, None
-        if context is None:
-            raise ValueError(
-                f"context: {type(self).__name__} has context_dim={self.context_dim}; call .condition(context) "
-                "and use the transform it returns"
-            )
-        try:
-            batch = torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
-        except RuntimeError:
-            raise ValueError(
-                f"context batch shape {tuple(context.shape[:-1])} does not broadcast with the input batch shape "
-                f"{tuple(x.shape[:-1])}"
-            ) from None
-        return x.expand(*batch, self.dim), context.expand(*batch, self.context_dim)
-
-    def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.transform(x, None)
-
-    def _inverse(self, y: Tensor) -> Tensor:
-        return self.invert(y, None)[0]
-
-    def _inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self.invert(y, None)
 
 
 def iaf_stack(

@@ -16,7 +16,14 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor
 from torch.distributions import Transform, constraints
 
-__all__ = ["ComposeFlow", "Conditioned", "FlowTransform", "check_dim", "check_hidden_dims"]
+__all__ = [
+    "ComposeFlow",
+    "ConditionalFlowTransform",
+    "Conditioned",
+    "FlowTransform",
+    "check_dim",
+    "check_hidden_dims",
+]
 
 
 def check_dim(dim: int, name: str = "dim") -> int:
@@ -56,7 +63,7 @@ class FlowTransform(TransformModule):
     def __init__(self, dim: int, cache_size: int = 1):
         super().__init__(cache_size=cache_size)
         self.dim = check_dim(dim)
-        self._last: tuple[Tensor, Tensor, Tensor] | None = None
+        self._last: tuple | None = None
 
     def __hash__(self):  # nn.Module and Transform both define __hash__
         return super(torch.nn.Module, self).__hash__()
@@ -69,8 +76,6 @@ class FlowTransform(TransformModule):
     def __getstate__(self):
         state = super().__getstate__()
         state["_last"] = None
-        if self._cache_size:
-            state["_cached_x_y"] = None, None
         return state
 
     def condition(self, context: Tensor) -> Conditioned:
@@ -94,13 +99,26 @@ class FlowTransform(TransformModule):
                 f"got shape {tuple(x.shape)}"
             )
 
+    # The last (x, y, ladj) is remembered by tensor identity *and* the parameters' version counters:
+    # an optimizer step updates parameters in place, after which the same input tensor must be recomputed.
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.parameters())
+
+    def _remember(self, x: Tensor, y: Tensor, ladj: Tensor | None) -> None:
+        if self._cache_size:
+            self._last = (x, y, ladj, self._versions())
+
+    def _recall(self, x: Tensor | None = None, y: Tensor | None = None) -> tuple | None:
+        last = self._last
+        if last is None or (x is not None and x is not last[0]) or (y is not None and y is not last[1]):
+            return None
+        return last if last[3] == self._versions() else None
+
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``f(x)`` and ``log|det df/dx|`` (shape ``x.shape[:-1]``)."""
         self._check_input(x)
         y, ladj = self._call_and_ladj(x)
-        if self._cache_size:
-            self._cached_x_y = x, y
-            self._last = (x, y, ladj)
+        self._remember(x, y, ladj)
         return y, ladj
 
     def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -110,22 +128,17 @@ class FlowTransform(TransformModule):
         return self.call_and_ladj(x)[0]
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self._cache_size:
-            cx, cy = self._cached_x_y
-            if x is cx:
-                return cy
-        return self.call_and_ladj(x)[0]
+        last = self._recall(x=x)
+        return last[1] if last is not None else self.call_and_ladj(x)[0]
 
     def inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``x = f⁻¹(y)`` and ``log|det df/dx|`` at that ``x``."""
-        last = self._last
-        if last is not None and y is last[1]:
+        last = self._recall(y=y)
+        if last is not None and last[2] is not None:
             return last[0], last[2]
         self._check_input(y, "y")
         x, ladj = self._inverse_and_ladj(y)
-        if self._cache_size:
-            self._cached_x_y = x, y
-            self._last = (x, y, ladj)
+        self._remember(x, y, ladj)
         return x, ladj
 
     def _inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -134,21 +147,55 @@ class FlowTransform(TransformModule):
         return x, self._call_and_ladj(x)[1]
 
     def _inv_call(self, y: Tensor) -> Tensor:
-        if self._cache_size:
-            cx, cy = self._cached_x_y
-            if y is cy:
-                return cx
+        last = self._recall(y=y)
+        if last is not None:
+            return last[0]
         self._check_input(y, "y")
         x = self._inverse(y)
-        if self._cache_size:
-            self._cached_x_y = x, y
+        self._remember(x, y, None)
         return x
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        last = self._last
-        if last is not None and x is last[0] and y is last[1]:
+        last = self._recall(x=x, y=y)
+        if last is not None and last[2] is not None:
             return last[2]
         return self.call_and_ladj(x)[1]
+
+
+class ConditionalFlowTransform(FlowTransform):
+    """A layer that may take a context: ``f(·; c)``.
+
+    Subclasses implement ``transform(x, context)`` and ``invert(y, context)``,
+    each returning the value and ``log|det J|`` at ``x``; without a context
+    (``context_dim = 0``) they are plain layers. :meth:`_broadcast` lines up
+    the batch shapes of input and context.
+    """
+
+    def _broadcast(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        if not self.context_dim:
+            return x, None
+        if context is None:
+            raise ValueError(
+                f"context: {type(self).__name__} has context_dim={self.context_dim}; call .condition(context) "
+                "and use the transform it returns"
+            )
+        try:
+            batch = torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
+        except RuntimeError:
+            raise ValueError(
+                f"context batch shape {tuple(context.shape[:-1])} does not broadcast with the input batch shape "
+                f"{tuple(x.shape[:-1])}"
+            ) from None
+        return x.expand(*batch, self.dim), context.expand(*batch, self.context_dim)
+
+    def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.transform(x, None)
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        return self.invert(y, None)[0]
+
+    def _inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self.invert(y, None)
 
 
 class Conditioned(FlowTransform):
@@ -221,7 +268,7 @@ class ComposeFlow(FlowTransform):
         total = None
         for p in self.parts:
             if isinstance(p, FlowTransform):
-                y, ladj = p.call_and_ladj(x)
+                y, ladj = p._call_and_ladj(x)
             else:
                 y = p(x)
                 ladj = _ladj_of(p, x, y)
@@ -233,14 +280,14 @@ class ComposeFlow(FlowTransform):
 
     def _inverse(self, y: Tensor) -> Tensor:
         for p in reversed(self.parts):
-            y = p.inv(y)
+            y = p._inverse(y) if isinstance(p, FlowTransform) else p.inv(y)
         return y
 
     def _inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
         total = None
         for p in reversed(self.parts):
             if isinstance(p, FlowTransform):
-                x, ladj = p.inverse_and_ladj(y)
+                x, ladj = p._inverse_and_ladj(y)
             else:
                 x = p.inv(y)
                 ladj = _ladj_of(p, x, y)

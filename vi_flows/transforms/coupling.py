@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import ComposeFlow, FlowTransform, check_dim, check_hidden_dims
+from .base import ComposeFlow, ConditionalFlowTransform, FlowTransform, check_dim, check_hidden_dims
 
 __all__ = ["AffineCoupling", "coupling_stack", "mlp", "soft_bound"]
 
@@ -55,7 +55,7 @@ def mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int, activation: Calla
     return nn.Sequential(*layers, last)
 
 
-class AffineCoupling(FlowTransform):
+class AffineCoupling(ConditionalFlowTransform):
     r"""``y₁ = x₁``, ``y₂ = (x₂ − t(x₁)) ⊙ exp(s(x₁))``, ``log|det J| = Σ s(x₁)``.
 
     ``x₁`` are the first ``split = dim // 2`` coordinates (``swap=True``: the
@@ -135,32 +135,6 @@ class AffineCoupling(FlowTransform):
         y1, y2 = y[..., self._keep], y[..., self._change]
         shift, log_scale = self._shift_log_scale(y1, context)
         return self._join(y1, y2 * torch.exp(-log_scale) + shift), log_scale.sum(-1)
-
-    def _broadcast(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        if not self.context_dim:
-            return x, None
-        if context is None:
-            raise ValueError(
-                f"context: {type(self).__name__} has context_dim={self.context_dim}; call .condition(context) "
-                "and use the transform it returns"
-            )
-        try:
-            batch = torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
-        except RuntimeError:
-            raise ValueError(
-                f"context batch shape {tuple(context.shape[:-1])} does not broadcast with the input batch shape "
-                f"{tuple(x.shape[:-1])}"
-            ) from None
-        return x.expand(*batch, self.dim), context.expand(*batch, self.context_dim)
-
-    def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.transform(x, None)
-
-    def _inverse(self, y: Tensor) -> Tensor:
-        return self.invert(y, None)[0]
-
-    def _inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self.invert(y, None)
 
 
 def coupling_stack(
