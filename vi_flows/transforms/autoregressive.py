@@ -34,10 +34,11 @@ class InverseAutoregressive(ConditionalFlowTransform):
     also gives ``log|det J|``. Read backwards this is MAF (Papamakarios et
     al. 2017): density evaluation is one pass of :meth:`params` and sampling
     takes ``d``: :class:`MaskedAutoregressive` reuses this network that way.
-    ``σ`` has no lower bound, so the inverse expands by up to ``1/σ`` per
-    coordinate and layer: its rounding error scales like ``|det J|⁻¹``, and
-    far outside the bulk of the flow the exact preimage can exceed the float
-    range (``inf``/``nan``), i.e. the density there is 0 to machine precision.
+    The paper's ``σ`` has no lower bound, so the inverse can expand by ``1/σ``
+    per coordinate and layer without limit, overflowing to ``inf``/``nan``
+    in float32 with trained weights. Here ``σ = σ_min + (1 − σ_min)
+    sigmoid(s + b)`` with ``σ_min = min_scale`` (1e-3), which bounds that
+    expansion by ``1/σ_min`` and leaves the usual range of ``σ`` unchanged.
 
     The network is :class:`pyro.nn.AutoRegressiveNN` with ``param_dims=[1, 1]``
     (:class:`~pyro.nn.ConditionalAutoRegressiveNN` when ``context_dim > 0``,
@@ -65,8 +66,12 @@ class InverseAutoregressive(ConditionalFlowTransform):
         order: Sequence[int] | Tensor | None = None,
         activation: Callable[[], nn.Module] = nn.ReLU,
         sigmoid_bias: float = 2.0,
+        min_scale: float = 1e-3,
     ):
         super().__init__(dim)
+        if isinstance(min_scale, bool) or not isinstance(min_scale, (int, float)) or not 0 <= min_scale < 1:
+            raise ValueError(f"min_scale must be a number in [0, 1), got {min_scale!r}")
+        self.min_scale = float(min_scale)
         hidden = check_hidden_dims((3 * dim + 1,) if hidden_dims is None else hidden_dims)
         if min(hidden) < dim:
             raise ValueError(f"hidden_dims must all be >= dim={dim} so that MADE connects every input, got {hidden}")
@@ -115,9 +120,17 @@ class InverseAutoregressive(ConditionalFlowTransform):
         """``(y, log|det J|)`` for ``x`` given ``context`` (``None`` when ``context_dim = 0``)."""
         x, context = self._broadcast(x, context)
         m, s = self.params(x, context)
-        logit = s + self.sigmoid_bias
-        y = m + torch.sigmoid(logit) * (x - m)
-        return y, F.logsigmoid(logit).sum(-1)
+        sigma, log_sigma = self._gate(s)
+        return m + sigma * (x - m), log_sigma.sum(-1)
+
+    def _gate(self, s: Tensor) -> tuple[Tensor, Tensor]:
+        """``σ = σ_min + (1 − σ_min) sigmoid(s + b)`` and ``log σ``, stably."""
+        log_gate = F.logsigmoid(s + self.sigmoid_bias)
+        if not self.min_scale:
+            return log_gate.exp(), log_gate
+        log_sigma = torch.logaddexp(torch.full_like(log_gate, math.log(self.min_scale)),
+                                    log_gate + math.log1p(-self.min_scale))
+        return log_sigma.exp(), log_sigma
 
     def invert(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(x, log|det J(x)|)`` for ``y = f(x; context)``, by ``d`` network passes."""
@@ -126,10 +139,10 @@ class InverseAutoregressive(ConditionalFlowTransform):
         for k in range(self.dim):
             # The coordinate of rank k depends on those of rank < k only, all known by now.
             m, s = self.params(x, context)
-            logit = s + self.sigmoid_bias
-            x = torch.where(self.rank == k, m + (y - m) / torch.sigmoid(logit), x)
+            sigma, log_sigma = self._gate(s)
+            x = torch.where(self.rank == k, m + (y - m) / sigma, x)
         # The last pass saw every coordinate but the final one, on which no (m, s) depends.
-        return x, F.logsigmoid(logit).sum(-1)
+        return x, log_sigma.sum(-1)
 
 
 def iaf_stack(
