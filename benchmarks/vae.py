@@ -44,7 +44,7 @@ def load_example():
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="binarized-MNIST .npz; default sklearn load_digits")
-    p.add_argument("--families", nargs="+", default=["none", "planar", "iaf", "cnf"])
+    p.add_argument("--families", nargs="+", default=["none", "planar", "iaf", "sylvester", "coupling", "cnf"])
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--train-size", type=int, default=None)

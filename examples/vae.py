@@ -5,7 +5,8 @@ Architecture (``H = --hidden``, default 300; ``d = --latent-dim``, default 64; `
 * encoder: ``x (D) → Linear(D, H) → ReLU → Linear(H, H) → ReLU → c (H)``;
 * posterior: :class:`vi_flows.AmortizedFlow` ``(d, H, flow)``: ``N(μ(c), diag σ(c)²)`` from a linear head
   of ``c``, pushed through flows whose parameters depend on ``c`` (planar: per-example ``u, w, b``;
-  IAF: ``c`` enters every MADE; CNF: ``c`` gates every layer of the ODE net; none: the Gaussian);
+  Sylvester: per-example ``Q, R, R̃, b``; IAF: ``c`` enters every MADE; coupling: ``c`` enters every
+  coupling net; CNF: ``c`` gates every layer of the ODE net; none: the Gaussian);
 * prior ``p(z) = N(0, I_d)``; decoder ``z → Linear(d, H) → ReLU → Linear(H, H) → ReLU → Linear(H, D)``,
   the logits of independent Bernoulli pixels.
 
@@ -49,7 +50,7 @@ from vi_flows import AmortizedFlow, fit
 from vi_flows.distributed import init, is_main, launched, relaunch
 from vi_flows.transforms import ContinuousFlow
 
-FAMILIES = ("none", "planar", "iaf", "cnf")
+FAMILIES = ("none", "planar", "iaf", "sylvester", "coupling", "cnf")
 DIGITS_TEST = 300
 
 
@@ -144,7 +145,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="binarized-MNIST .npz (default: sklearn load_digits, pixel > 7)")
     p.add_argument("--flow", choices=FAMILIES, default="none", help="posterior family (default: none)")
-    p.add_argument("--num-flows", type=int, default=None, help="layers (default: planar 10, iaf 2, cnf 1)")
+    p.add_argument("--num-flows", type=int, default=None,
+                   help="layers (default: planar 10, iaf 2, sylvester 4, coupling 4, cnf 1)")
     p.add_argument("--latent-dim", type=int, default=64)
     p.add_argument("--hidden", type=int, default=300, help="width H of encoder and decoder layers")
     p.add_argument("--epochs", type=int, default=10)

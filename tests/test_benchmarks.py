@@ -71,3 +71,54 @@ def test_posteriors_quick(bench, tmp_path):
         assert r["mean_err_max"] >= r["mean_err_rms"] >= 0
     text = (tmp_path / "posteriors.md").read_text()
     assert text.count("| model |") == 2
+
+
+def _density_quick(bench, tmp_path, data, skip):
+    rows = bench("density").main(["--quick", "--data", data, "--out", str(tmp_path), "--skip", *skip])
+    saved = json.loads((tmp_path / "density-quick.json").read_text())["rows"]
+    assert [(r["data"], r["model"]) for r in saved] == [(r["data"], r["model"]) for r in rows]
+    assert rows[0]["model"] == "full-covariance Gaussian" and rows[0]["ms_per_step"] is None
+    for r in rows:
+        assert r["data"] == data and math.isfinite(r["test_nll"])
+        assert not any(k in r["model"] for k in skip)
+    for r in rows[1:]:
+        assert r["ms_per_step"] > 0 and 1 <= r["steps"] <= 40  # --quick: at most 40 steps, early stopping may cut
+    table = bench("density").table(rows).splitlines()
+    assert len(table) == 2 + len(rows) and all(ln.count("|") == 4 for ln in table)
+    other = 3 if data == "moons" else 2  # cells: | model | moons | digits |
+    assert all(ln.split("|")[other].strip() == "–" for ln in table[2:])
+    return {r["model"] for r in rows}
+
+
+def test_density_quick(bench, tmp_path):
+    # moons only, the slow NSF and numerical-inverse rows left out: the rest runs in seconds
+    models = _density_quick(bench, tmp_path, "moons", ["NSF", "planar", "Sylvester"])
+    assert {"vi_flows MAF", "Pyro affine coupling"} <= models
+    assert any(m.startswith("zuko") for m in models) == bench("_common").zuko_available()
+
+
+def test_density_quick_without_zuko(bench, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "zuko", None)  # import zuko now raises ImportError
+    models = _density_quick(bench, tmp_path, "digits", ["invertible linear", "alternating", "Pyro"])
+    assert models == {"full-covariance Gaussian", "vi_flows MAF"}
+
+
+def test_neutra_quick(bench, tmp_path, monkeypatch):
+    neutra = bench("neutra")
+    example = neutra._example()
+    # the funnel alone: the eight-schools half would double the time and exercise the same code
+    monkeypatch.setattr(example, "MODELS", {k: v for k, v in example.MODELS.items() if k.startswith("funnel")})
+    monkeypatch.setattr(neutra, "_example", lambda: example)
+    out = neutra.main(["--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "neutra-quick.json").read_text())
+    assert saved["budget"] == {"fit_steps": 50, "warmup": 20, "samples": 20, "max_tree_depth": 4}
+    assert len(saved["rows"]) == len(out) == 4  # plain NUTS + 3 NeuTra guides
+    assert set(out["model"]) == {"funnel (d=10)"}
+    assert set(out["sampler"]) == {"NUTS", "NeuTra AutoIAF", "NeuTra AutoRealNVP", "NeuTra AutoPlanar"}
+    for r in saved["rows"]:
+        assert isinstance(r["divergences"], int) and 0 <= r["divergences"] <= 20  # counted over the 20 draws
+        assert r["min_bulk_ess"] > 0 and r["nuts_s"] > 0
+        assert r["ess_per_s"] == pytest.approx(r["min_bulk_ess"] / r["nuts_s"])
+        assert (r["fit_s"] == 0) == (r["sampler"] == "NUTS")
+    text = neutra.render(out, 50, 20, 20, 4)
+    assert len([ln for ln in text.splitlines() if ln.startswith("| ")]) == 1 + len(out)

@@ -11,6 +11,7 @@ Grathwohl et al. (2019).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -21,14 +22,28 @@ from .distributions import AffineNormal, FlowDistribution
 from .transforms.autoregressive import iaf_stack
 from .transforms.base import FlowTransform, check_dim
 from .transforms.continuous import ContinuousFlow
+from .transforms.coupling import coupling_stack
 from .transforms.planar import identity_u, planar_call, planar_inverse, planar_u_hat
 from .transforms.radial import identity_beta_raw, radial_alpha_beta, radial_call, radial_inverse
 from .transforms.stack import stack
+from .transforms.sylvester import (
+    householder_product,
+    identity_diag_raw,
+    sylvester_call,
+    sylvester_diagonals,
+    sylvester_inverse,
+)
 
-__all__ = ["AmortizedFlow", "ConditionalPlanar", "ConditionalRadial", "FLOWS"]
+__all__ = ["AmortizedFlow", "ConditionalPlanar", "ConditionalRadial", "ConditionalSylvester", "FLOWS"]
 
-FLOWS = ("none", "planar", "radial", "iaf", "cnf")
-DEFAULT_NUM_FLOWS = {"none": 0, "planar": 10, "radial": 10, "iaf": 2, "cnf": 1}
+FLOWS = ("none", "planar", "radial", "sylvester", "iaf", "coupling", "cnf")
+DEFAULT_NUM_FLOWS = {"none": 0, "planar": 10, "radial": 10, "sylvester": 4, "iaf": 2, "coupling": 4, "cnf": 1}
+# flow_options each family accepts (CNF: any ContinuousFlow keyword, checked there)
+FLOW_OPTIONS = {
+    "iaf": {"activation", "sigmoid_bias"},
+    "coupling": {"linear", "linear_init", "activation", "log_scale_bound"},
+    "sylvester": {"num_householder"},
+}
 
 
 def _check_count(value, name: str, minimum: int) -> int:
@@ -147,6 +162,59 @@ class ConditionalRadial(_ConditionalStack):
     _layer_inverse = staticmethod(radial_inverse)
 
 
+class ConditionalSylvester(_ConditionalStack):
+    r"""Householder Sylvester layers ``y = x + Q(c) R(c) tanh(R̃(c) Q(c)ᵀ x + b(c))``, all amortized.
+
+    As in van den Berg et al.'s amortized Householder Sylvester flow, every parameter is a linear head of the
+    context, per example and layer: one ``d × d`` matrix whose strict upper triangle is ``R``'s and whose
+    strict lower triangle, transposed, is ``R̃``'s; the diagonals ``(a, ρ)`` of
+    :class:`~vi_flows.transforms.Sylvester` (``R̃_ii = exp ρ_i``, ``R_ii R̃_ii = −1 + δ + softplus(a_i) > −1``);
+    ``b``; and the ``num_householder`` vectors whose reflections make ``Q(c)`` (amortized too, not shared).
+    The heads of ``R``'s entries start at zero (``R = 0``), so every layer starts as the identity for
+    every context. Cost per example and layer: ``O(H d²)`` to form ``Q``, ``O(d²)`` to apply it; the
+    inverse is :func:`~vi_flows.transforms.sylvester.sylvester_inverse` (back substitution).
+
+    Reference: van den Berg, Hasenclever, Tomczak, Welling, "Sylvester Normalizing Flows for Variational
+    Inference", UAI 2018, §3 and their amortized implementation.
+    """
+
+    def __init__(self, dim: int, num_flows: int, context_dim: int, num_householder: int | None = None):
+        super().__init__(dim, num_flows, context_dim)
+        h = min(dim, 8) if num_householder is None else _check_count(num_householder, "num_householder", 1)
+        self.num_householder = h
+        k = self.num_flows
+        # heads: full (R above, R̃ below the diagonal), diag_raw a, log R̃_ii ρ, b, Householder vectors
+        sizes = (dim * dim, dim, dim, dim, h * dim)
+        self.heads = nn.ModuleList([nn.Linear(context_dim, k * s) for s in sizes])
+        with torch.no_grad():
+            full = self.heads[0]
+            upper = torch.ones(dim, dim, dtype=torch.bool).triu(1).repeat(k, 1, 1).flatten()
+            full.weight[upper] = 0.0
+            full.bias[upper] = 0.0
+            full.weight.mul_(1 / math.sqrt(dim))  # R̃'s rows: the scale of Sylvester's init
+            nn.init.zeros_(self.heads[1].weight)
+            nn.init.constant_(self.heads[1].bias, identity_diag_raw())
+            nn.init.zeros_(self.heads[2].weight)
+            nn.init.zeros_(self.heads[2].bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_householder={self.num_householder}"
+
+    def params(self, context: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """``(Q, R, R̃, b)`` per layer, of shapes ``(*batch_c, d, d)`` and ``(*batch_c, d)`` (``b``)."""
+        d = self.dim
+        full, diag_raw, log_rt_diag, b, v = self._heads(context, d * d, d, d, d, self.num_householder * d)
+        full = full.unflatten(-1, (d, d))
+        r_diag, rt_diag = sylvester_diagonals(diag_raw, log_rt_diag)
+        r = full.triu(1) + torch.diag_embed(r_diag)
+        rt = full.mT.triu(1) + torch.diag_embed(rt_diag)
+        q = householder_product(v.unflatten(-1, (self.num_householder, d)))
+        return list(zip(q.unbind(-3), r.unbind(-3), rt.unbind(-3), b.unbind(-2)))
+
+    _layer_call = staticmethod(sylvester_call)
+    _layer_inverse = staticmethod(sylvester_inverse)
+
+
 class AmortizedFlow(nn.Module):
     r"""``q(z | x) = FlowDistribution(N(μ(c), diag σ(c)²), f(·; c))`` for a context ``c = encoder(x)``.
 
@@ -154,8 +222,15 @@ class AmortizedFlow(nn.Module):
 
     * ``"planar"`` / ``"radial"``: ``num_flows`` (default 10) layers with per-example parameters from a
       linear head of ``c`` (:class:`ConditionalPlanar`, :class:`ConditionalRadial`), as in the paper;
+    * ``"sylvester"``: ``num_flows`` (default 4) Householder Sylvester layers, every parameter (``R``, ``R̃``,
+      ``b`` and the ``num_householder`` reflections of ``Q``, default ``min(d, 8)``) from a linear head of
+      ``c`` (:class:`ConditionalSylvester`), as in van den Berg et al. (2018);
     * ``"iaf"``: ``num_flows`` (default 2) :class:`~vi_flows.transforms.InverseAutoregressive` layers,
       reversed in between, ``c`` feeding every MADE hidden layer (Kingma et al. 2016);
+    * ``"coupling"``: ``num_flows`` (default 4) :class:`~vi_flows.transforms.AffineCoupling` layers on
+      alternating halves, ``c`` an input of every coupling network, each preceded by an
+      :class:`~vi_flows.transforms.InvertibleLinear` started at the identity
+      (:func:`~vi_flows.transforms.coupling_stack`; ``linear=False`` drops those);
     * ``"cnf"``: ``num_flows`` (default 1) :class:`~vi_flows.transforms.ContinuousFlow` blocks whose
       ODE net takes ``c`` in every ConcatSquash gate and shift (not FFJORD's low-rank
       ``W + U(c)V(c)ᵀ`` hypernetwork);
@@ -168,11 +243,13 @@ class AmortizedFlow(nn.Module):
         context_dim: last dimension of the context.
         flow: one of :data:`FLOWS`.
         num_flows: number of layers (blocks for ``"cnf"``); family default when None.
-        hidden_dims: MADE widths (IAF, default ``(3d + 1,)``) or ODE-net widths (CNF, default ``(64, 64)``);
-            planar and radial take none.
+        hidden_dims: MADE widths (IAF, default ``(3d + 1,)``), coupling-net widths (coupling, default
+            ``(3d + 1,)``) or ODE-net widths (CNF, default ``(64, 64)``); the other families take none.
         **flow_options: passed to :class:`~vi_flows.transforms.ContinuousFlow` (``trace``, ``rtol``,
-            ``atol``, ``solver``, ``adjoint``, ...) or :class:`~vi_flows.transforms.InverseAutoregressive`
-            (``sigmoid_bias``, ``activation``).
+            ``atol``, ``solver``, ``adjoint``, ...), :class:`~vi_flows.transforms.InverseAutoregressive`
+            (``sigmoid_bias``, ``activation``), :func:`~vi_flows.transforms.coupling_stack` (``linear``,
+            ``linear_init``, ``activation``, ``log_scale_bound``) or :class:`ConditionalSylvester`
+            (``num_householder``).
 
     Call with ``context`` of shape ``(*B, context_dim)``: returns a distribution with batch shape ``B``
     and event shape ``(d,)``; ``rsample_and_log_prob`` gives exact ``log q`` of its own draws (for CNF
@@ -201,10 +278,14 @@ class AmortizedFlow(nn.Module):
             raise ValueError(f"num_flows must be 0 (or None) for flow='none', got {num_flows!r}")
         if flow != "none" and not self.num_flows:
             raise ValueError(f"num_flows must be an integer >= 1 for flow={flow!r}, got {num_flows!r}")
-        if hidden_dims is not None and flow in ("none", "planar", "radial"):
-            raise ValueError(f"hidden_dims applies to flow='iaf' or 'cnf' only, got {hidden_dims!r} with flow={flow!r}")
-        if flow_options and flow not in ("iaf", "cnf"):
-            raise ValueError(f"flow options {sorted(flow_options)} apply to flow='iaf' or 'cnf' only, not {flow!r}")
+        if hidden_dims is not None and flow not in ("iaf", "coupling", "cnf"):
+            raise ValueError(
+                f"hidden_dims applies to flow='iaf', 'coupling' or 'cnf' only, got {hidden_dims!r} with flow={flow!r}"
+            )
+        unknown = sorted(set(flow_options) - FLOW_OPTIONS.get(flow, set())) if flow != "cnf" else []
+        if unknown:
+            allowed = sorted(FLOW_OPTIONS.get(flow, set()))
+            raise ValueError(f"flow options {unknown} do not apply to flow={flow!r}; it takes {allowed}")
         self.head = nn.Linear(context_dim, 2 * latent_dim)
         self.flow = self._make_flow(flow, hidden_dims, flow_options)
 
@@ -214,8 +295,13 @@ class AmortizedFlow(nn.Module):
             return ConditionalPlanar(d, k, c)
         if flow == "radial":
             return ConditionalRadial(d, k, c)
+        if flow == "sylvester":
+            return ConditionalSylvester(d, k, c, **options)
         if flow == "iaf":
             return iaf_stack(d, k, hidden_dims, c, **options)
+        if flow == "coupling":
+            hidden = (3 * d + 1,) if hidden_dims is None else hidden_dims
+            return coupling_stack(d, k, hidden, c, **{"linear_init": "identity", **options})
         if flow == "cnf":
             hidden = (64, 64) if hidden_dims is None else hidden_dims
             if k == 1:

@@ -171,6 +171,12 @@ def init(device: torch.device | None = None, timeout: float = DEFAULT_TIMEOUT) -
 
 def _destroy() -> None:
     if dist.is_initialized():
+        try:
+            # Let every rank finish its last collective before any rank tears the group down; a rank
+            # leaving early once aborted its peer at exit ("terminate called without an active exception").
+            dist.barrier()
+        except Exception:  # a peer already failed: nothing left to wait for
+            pass
         dist.destroy_process_group()
 
 

@@ -84,6 +84,11 @@ class AutoFlow(AutoContinuous):
         of the inverse Hessian), so the flows only learn the non-Gaussian part.
     :param laplace_steps: L-BFGS iterations of the MAP pre-fit.
 
+    Defaults (diagonal base, no pre-fit) and when to change them are measured
+    in ``docs/guides.md``: on narrow, correlated posteriors use
+    ``base="full", init="laplace"`` with a small learning rate; on
+    hierarchical models (no MAP) keep ``init=None``.
+
     ``median`` and ``quantiles`` have no closed form for a flow: they are
     computed from ``num_samples`` draws with a fixed ``seed`` (so repeated calls
     agree), elementwise in the constrained space.

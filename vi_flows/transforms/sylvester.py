@@ -11,18 +11,92 @@ from torch import Tensor, nn
 from ._roots import solve_increasing
 from .base import FlowTransform
 
-__all__ = ["Sylvester", "householder_product"]
+__all__ = ["Sylvester", "householder_product", "sylvester_call", "sylvester_inverse"]
 
 MARGIN = 1e-4
 
 
 def householder_product(v: Tensor) -> Tensor:
-    """``Q = H_1 ⋯ H_K`` with ``H_k = I − 2 v_k v_kᵀ/‖v_k‖²``, for ``v`` of shape ``(K, d)``; shape ``(d, d)``."""
+    """``Q = H_1 ⋯ H_K``, ``H_k = I − 2 v_k v_kᵀ/‖v_k‖²``, for ``v`` of shape ``(..., K, d)``; shape ``(..., d, d)``."""
     d = v.shape[-1]
-    q = torch.eye(d, dtype=v.dtype, device=v.device)
-    for vk in v.unbind(0):
-        q = q - (2 / (vk @ vk)) * torch.outer(q @ vk, vk)
+    q = torch.eye(d, dtype=v.dtype, device=v.device).expand(*v.shape[:-2], d, d)
+    for vk in v.unbind(-2):
+        q = q - (2 / (vk * vk).sum(-1))[..., None, None] * (q @ vk.unsqueeze(-1)) * vk.unsqueeze(-2)
     return q
+
+
+def sylvester_diagonals(diag_raw: Tensor, log_rt_diag: Tensor) -> tuple[Tensor, Tensor]:
+    """``(R_ii, R̃_ii)`` with ``R̃_ii = exp(ρ_i)`` and ``R_ii R̃_ii = −1 + δ + softplus(a_i)`` (``a = diag_raw``)."""
+    rt_diag = log_rt_diag.exp()
+    return (F.softplus(diag_raw) + (MARGIN - 1.0)) / rt_diag, rt_diag
+
+
+def identity_diag_raw() -> float:
+    """The ``a_i`` that makes ``R_ii = 0``: ``softplus(a) = 1 − δ``."""
+    return math.log(math.expm1(1.0 - MARGIN))
+
+
+def _vecmat(x: Tensor, m: Tensor) -> Tensor:
+    # rows xᵀM: one shared M (d, d) is a matrix product; per-example M (..., d, d) broadcasts
+    return x @ m if m.dim() == 2 else (x.unsqueeze(-2) @ m).squeeze(-2)
+
+
+def sylvester_call(x: Tensor, q: Tensor, r: Tensor, rt: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """One layer: ``y = x + Q R h(R̃ Qᵀ x + b)``, ``log|det J| = Σ_i log(1 + R_ii R̃_ii h'(·)_i)``.
+
+    ``q, r, rt`` have shape ``(d, d)`` or a batch ``(..., d, d)`` broadcasting with ``x`` (amortized
+    layers), ``b`` the matching ``(d,)`` or ``(..., d)``; ``r, rt`` upper triangular.
+    """
+    v = _vecmat(x, q)  # Qᵀx
+    h = torch.tanh(_vecmat(v, rt.mT) + b)
+    y = _vecmat(v + _vecmat(h, r.mT), q.mT)
+    ladj = torch.log1p((r.diagonal(dim1=-2, dim2=-1) * rt.diagonal(dim1=-2, dim2=-1)) * (1 - h * h)).sum(-1)
+    return y, ladj
+
+
+def sylvester_inverse(y: Tensor, q: Tensor, r: Tensor, rt: Tensor, b: Tensor) -> Tensor:
+    """Back substitution for ``v = Qᵀx`` in ``Qᵀy = v + R h(R̃ v + b)``, then ``x = Q v``.
+
+    Shapes as in :func:`sylvester_call`. Solved to machine precision; under autograd one Newton
+    step of the full system at the root (Jacobian detached) leaves the value and carries the
+    implicit-function gradient.
+    """
+    target = _vecmat(y, q)
+    with torch.no_grad():
+        v = _back_substitute(target.detach(), r.detach(), rt.detach(), b.detach())
+    if torch.is_grad_enabled():
+        h = torch.tanh(_vecmat(v, rt.mT) + b)
+        residual = v + _vecmat(h, r.mT) - target
+        eye = torch.eye(y.shape[-1], dtype=v.dtype, device=v.device)
+        jac = eye + (r * (1 - h * h).unsqueeze(-2)) @ rt
+        step = torch.linalg.solve_triangular(jac.detach(), residual.unsqueeze(-1), upper=True).squeeze(-1)
+        v = v - step
+    return _vecmat(v, q.mT)
+
+
+def _back_substitute(target: Tensor, r: Tensor, rt: Tensor, b: Tensor) -> Tensor:
+    d = target.shape[-1]
+    batch = torch.broadcast_shapes(target.shape[:-1], r.shape[:-2], rt.shape[:-2], b.shape[:-1])
+    target = target.expand(*batch, d)
+    v = torch.zeros_like(target)
+    h = torch.zeros_like(target)
+    for i in reversed(range(d)):
+        # v'_i = v_i + R_ii tanh(R̃_ii v_i + c_i) + e_i, with c_i, e_i known from coordinates > i.
+        c = (v[..., i + 1 :] * rt[..., i, i + 1 :]).sum(-1) + b[..., i]
+        e = (h[..., i + 1 :] * r[..., i, i + 1 :]).sum(-1)
+        s = target[..., i] - e
+        r_ii, rt_ii = r[..., i, i], rt[..., i, i]
+
+        def g(a: Tensor, r_ii=r_ii, rt_ii=rt_ii, c=c, s=s) -> tuple[Tensor, Tensor]:
+            t = torch.tanh(rt_ii * a + c)
+            return a + r_ii * t - s, 1 + r_ii * rt_ii * (1 - t * t)
+
+        # |tanh| ≤ 1 brackets the root within |R_ii| of s
+        reach = r_ii.abs()
+        v_i = solve_increasing(g, s - reach, s + reach)
+        v[..., i] = v_i
+        h[..., i] = torch.tanh(rt_ii * v_i + c)
+    return v
 
 
 class Sylvester(FlowTransform):
@@ -64,7 +138,7 @@ class Sylvester(FlowTransform):
         self.householder = nn.Parameter(torch.randn(k, dim))
         self.r_upper = nn.Parameter(torch.zeros(dim, dim))
         self.rt_upper = nn.Parameter(torch.randn(dim, dim) / math.sqrt(dim))
-        self.diag_raw = nn.Parameter(torch.full((dim,), math.log(math.expm1(1.0 - MARGIN))))  # R_ii R̃_ii = 0
+        self.diag_raw = nn.Parameter(torch.full((dim,), identity_diag_raw()))  # R_ii R̃_ii = 0
         self.log_rt_diag = nn.Parameter(torch.zeros(dim))
         self.b = nn.Parameter(torch.zeros(dim))
 
@@ -73,50 +147,13 @@ class Sylvester(FlowTransform):
 
     def matrices(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(Q, R, R̃)``, each ``(dim, dim)``."""
-        rt_diag = self.log_rt_diag.exp()
-        prod = F.softplus(self.diag_raw) + (MARGIN - 1.0)
-        r = self.r_upper.triu(1) + torch.diag(prod / rt_diag)
+        r_diag, rt_diag = sylvester_diagonals(self.diag_raw, self.log_rt_diag)
+        r = self.r_upper.triu(1) + torch.diag(r_diag)
         rt = self.rt_upper.triu(1) + torch.diag(rt_diag)
         return householder_product(self.householder), r, rt
 
     def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        q, r, rt = self.matrices()
-        v = x @ q  # rows of Qᵀx
-        h = torch.tanh(v @ rt.mT + self.b)
-        y = (v + h @ r.mT) @ q.mT
-        ladj = torch.log1p((r.diagonal() * rt.diagonal()) * (1 - h * h)).sum(-1)
-        return y, ladj
+        return sylvester_call(x, *self.matrices(), self.b)
 
     def _inverse(self, y: Tensor) -> Tensor:
-        q, r, rt = self.matrices()
-        target = y @ q
-        with torch.no_grad():
-            v = self._back_substitute(target.detach(), r.detach(), rt.detach(), self.b.detach())
-        if torch.is_grad_enabled():
-            # One Newton step of v' = v + R h(R̃v + b) at the root: value unchanged, gradient implicit.
-            h = torch.tanh(v @ rt.mT + self.b)
-            residual = v + h @ r.mT - target
-            jac = torch.eye(self.dim, dtype=v.dtype, device=v.device) + r * (1 - h * h).unsqueeze(-2) @ rt
-            step = torch.linalg.solve_triangular(jac.detach(), residual.unsqueeze(-1), upper=True).squeeze(-1)
-            v = v - step
-        return v @ q.mT
-
-    def _back_substitute(self, target: Tensor, r: Tensor, rt: Tensor, b: Tensor) -> Tensor:
-        v = torch.zeros_like(target)
-        h = torch.zeros_like(target)
-        for i in reversed(range(self.dim)):
-            # v'_i = v_i + R_ii tanh(R̃_ii v_i + c_i) + e_i, with c_i, e_i known from coordinates > i.
-            c = v[..., i + 1 :] @ rt[i, i + 1 :] + b[i]
-            e = h[..., i + 1 :] @ r[i, i + 1 :]
-            s = target[..., i] - e
-            r_ii, rt_ii = r[i, i], rt[i, i]
-
-            def g(a: Tensor, r_ii=r_ii, rt_ii=rt_ii, c=c, s=s) -> tuple[Tensor, Tensor]:
-                t = torch.tanh(rt_ii * a + c)
-                return a + r_ii * t - s, 1 + r_ii * rt_ii * (1 - t * t)
-
-            reach = r_ii.abs()
-            v_i = solve_increasing(g, s - reach, s + reach)
-            v[..., i] = v_i
-            h[..., i] = torch.tanh(rt_ii * v_i + c)
-        return v
+        return sylvester_inverse(y, *self.matrices(), self.b)
