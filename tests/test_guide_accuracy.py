@@ -10,7 +10,7 @@ from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 from pyro.infer.importance import vectorized_importance_weights
 
-from vi_flows import AutoIAF, AutoPlanar, AutoRadial
+from vi_flows import AutoCNF, AutoIAF, AutoPlanar, AutoRadial
 from vi_flows.energies import LOG_Z, energy_model
 
 torch.set_num_threads(1)
@@ -163,3 +163,16 @@ def test_quantiles_agree_with_nuts(make, lr, nuts_quantiles):
         err = (q[site] - ref[site]).abs() / ref_sd[site]
         assert err[1] < 0.2 and err.max() < 0.45, (site, q[site], ref[site])
     assert math.isfinite(float(q["sigma"][0])) and q["sigma"][0] > 0
+
+
+def test_cnf_beats_mean_field_on_energy_u3():
+    name = "U3"
+    model = energy_model(name)
+    normal = AutoNormal(model, init_scale=1.0)
+    kl_normal = _kl(model, _fit(model, normal, steps=400, lr=0.02, particles=8), name)
+    cnf = AutoCNF(model, hidden_dims=(32, 32), rtol=1e-4, atol=1e-4, init_scale=1.0)
+    # 5000 draws: the ELBO's Monte-Carlo se is ~0.02 nats here; each CNF draw costs an ODE solve.
+    kl_cnf = _kl(model, _fit(model, cnf, steps=400, lr=0.02, particles=8), name, n=5000)
+    # Measured 1.85 vs 0.82 nats at this budget; a margin of half a nat leaves room for seeds and platforms.
+    assert kl_cnf < kl_normal - 0.5, (kl_cnf, kl_normal)
+    assert kl_cnf > -0.05
