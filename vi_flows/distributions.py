@@ -10,6 +10,7 @@ from pyro.distributions import TorchDistribution
 from torch import Tensor
 from torch.distributions import constraints
 
+from .transforms.affine import affine_call, affine_inverse, affine_log_det
 from .transforms.base import ComposeFlow, FlowTransform
 
 __all__ = ["AffineNormal", "FlowDistribution", "StandardNormal"]
@@ -49,7 +50,8 @@ class AffineNormal(TorchDistribution):
 
     Written as ``x = loc + L ε``: ``rsample_and_log_prob`` reuses ``ε`` for
     ``log q = log N(ε; 0, I) − Σ log|L_ii|`` (no solve), and is cheap to build
-    every step (no module, no argument validation).
+    every step (no module, no argument validation). The map is
+    :class:`~vi_flows.transforms.Affine`'s.
     """
 
     arg_constraints = {}
@@ -60,34 +62,24 @@ class AffineNormal(TorchDistribution):
         if (scale is None) == (scale_tril is None):
             raise ValueError("AffineNormal needs exactly one of scale= and scale_tril=")
         self.loc, self.scale, self.scale_tril = loc, scale, scale_tril
-        diag = scale if scale is not None else scale_tril.diagonal(dim1=-2, dim2=-1)
-        self._log_det = diag.log().sum(-1)
+        self._log_det = affine_log_det(scale, scale_tril)
         super().__init__(torch.Size(batch_shape), loc.shape[-1:], validate_args=False)
 
     def expand(self, batch_shape, _instance=None):
         return AffineNormal(self.loc, self.scale, self.scale_tril, batch_shape)
 
-    def _affine(self, eps: Tensor) -> Tensor:
-        if self.scale is not None:
-            return self.loc + self.scale * eps
-        return self.loc + (self.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+    def _standard_log_prob(self, eps: Tensor) -> Tensor:
+        return -0.5 * (eps * eps).sum(-1) - (self.event_shape[0] * _HALF_LOG_2PI) - self._log_det
 
     def rsample_and_log_prob(self, sample_shape=torch.Size()) -> tuple[Tensor, Tensor]:
         eps = torch.randn(self._extended_shape(sample_shape), dtype=self.loc.dtype, device=self.loc.device)
-        log_q = -0.5 * (eps * eps).sum(-1) - (self.event_shape[0] * _HALF_LOG_2PI) - self._log_det
-        return self._affine(eps), log_q
+        return affine_call(eps, self.loc, self.scale, self.scale_tril), self._standard_log_prob(eps)
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
         return self.rsample_and_log_prob(sample_shape)[0]
 
     def log_prob(self, value: Tensor) -> Tensor:
-        diff = value - self.loc
-        if self.scale is not None:
-            eps = diff / self.scale
-        else:
-            tril = self.scale_tril.expand(diff.shape[:-1] + self.scale_tril.shape[-2:])
-            eps = torch.linalg.solve_triangular(tril, diff.unsqueeze(-1), upper=False).squeeze(-1)
-        return -0.5 * (eps * eps).sum(-1) - (self.event_shape[0] * _HALF_LOG_2PI) - self._log_det
+        return self._standard_log_prob(affine_inverse(value, self.loc, self.scale, self.scale_tril))
 
 
 class FlowDistribution(TorchDistribution):

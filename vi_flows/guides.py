@@ -257,25 +257,22 @@ class AutoFlow(AutoContinuous):
         return trace.log_prob_sum() + log_det
 
     # -------------------------------------------------------------- posterior
-    def _base_transform(self) -> Affine:
+    def _affine_args(self) -> dict[str, Tensor]:
+        """The base Gaussian's ``L``: ``scale=σ`` (diagonal) or ``scale_tril=diag(σ) L₁``."""
         if self._base == "full":
-            return Affine(self.loc, scale_tril=self.scale.unsqueeze(-1) * self.scale_tril)
-        return Affine(self.loc, scale=self.scale)
+            return {"scale_tril": self.scale.unsqueeze(-1) * self.scale_tril}
+        return {"scale": self.scale}
 
     def get_base_dist(self) -> StandardNormal:
         return StandardNormal(self.latent_dim, dtype=self.loc.dtype, device=self.loc.device)
 
     def get_transform(self, *args, **kwargs) -> ComposeFlow:
         """The whole map ``ε ↦ z`` (for ``NeuTraReparam`` and friends)."""
-        return ComposeFlow([self._base_transform(), *self.flow.parts], dim=self.latent_dim)
+        return ComposeFlow([Affine(self.loc, **self._affine_args()), *self.flow.parts], dim=self.latent_dim)
 
     def get_posterior(self, *args, **kwargs) -> FlowDistribution:
         """``q(z)`` over the unconstrained latent vector; ``log_prob`` works at any point."""
-        if self._base == "full":
-            base = AffineNormal(self.loc, scale_tril=self.scale.unsqueeze(-1) * self.scale_tril)
-        else:
-            base = AffineNormal(self.loc, scale=self.scale)
-        return FlowDistribution(base, self.flow)
+        return FlowDistribution(AffineNormal(self.loc, **self._affine_args()), self.flow)
 
     def forward(self, *args, **kwargs) -> dict[str, Tensor]:
         if self.prototype_trace is None:

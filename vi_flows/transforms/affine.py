@@ -7,7 +7,29 @@ from torch import Tensor
 
 from .base import FlowTransform
 
-__all__ = ["Affine"]
+__all__ = ["Affine", "affine_call", "affine_inverse", "affine_log_det"]
+
+
+def affine_call(x: Tensor, loc: Tensor, scale: Tensor | None, scale_tril: Tensor | None) -> Tensor:
+    """``loc + diag(scale) x`` or ``loc + scale_tril x``."""
+    if scale is not None:
+        return loc + scale * x
+    return loc + (scale_tril @ x.unsqueeze(-1)).squeeze(-1)
+
+
+def affine_inverse(y: Tensor, loc: Tensor, scale: Tensor | None, scale_tril: Tensor | None) -> Tensor:
+    """``L⁻¹ (y − loc)``: a division or one triangular solve."""
+    if scale is not None:
+        return (y - loc) / scale
+    diff = (y - loc).unsqueeze(-1)
+    tril = scale_tril.expand(diff.shape[:-2] + scale_tril.shape[-2:])
+    return torch.linalg.solve_triangular(tril, diff, upper=False).squeeze(-1)
+
+
+def affine_log_det(scale: Tensor | None, scale_tril: Tensor | None) -> Tensor:
+    """``Σ_i log|L_ii|``."""
+    diag = scale if scale is not None else scale_tril.diagonal(dim1=-2, dim2=-1)
+    return diag.abs().log().sum(-1)
 
 
 class Affine(FlowTransform):
@@ -23,19 +45,10 @@ class Affine(FlowTransform):
             raise ValueError("Affine needs exactly one of scale= and scale_tril=")
         super().__init__(loc.shape[-1])
         self.loc, self.scale, self.scale_tril = loc, scale, scale_tril
-        diag = scale if scale is not None else scale_tril.diagonal(dim1=-2, dim2=-1)
-        self._log_det = diag.abs().log().sum(-1)
+        self._log_det = affine_log_det(scale, scale_tril)
 
     def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.scale is not None:
-            y = self.loc + self.scale * x
-        else:
-            y = self.loc + (self.scale_tril @ x.unsqueeze(-1)).squeeze(-1)
-        return y, self._log_det.expand(x.shape[:-1])
+        return affine_call(x, self.loc, self.scale, self.scale_tril), self._log_det.expand(x.shape[:-1])
 
     def _inverse(self, y: Tensor) -> Tensor:
-        if self.scale is not None:
-            return (y - self.loc) / self.scale
-        diff = (y - self.loc).unsqueeze(-1)
-        tril = self.scale_tril.expand(diff.shape[:-2] + self.scale_tril.shape[-2:])
-        return torch.linalg.solve_triangular(tril, diff, upper=False).squeeze(-1)
+        return affine_inverse(y, self.loc, self.scale, self.scale_tril)
