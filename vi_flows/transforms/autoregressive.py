@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from pyro.nn import AutoRegressiveNN, ConditionalAutoRegressiveNN
 from torch import Tensor, nn
 
 from .base import ComposeFlow, ConditionalFlowTransform, Conditioned, check_dim, check_hidden_dims
+from .made import MADE
 from .permute import check_permutation
 from .stack import stack
 
@@ -40,9 +39,10 @@ class InverseAutoregressive(ConditionalFlowTransform):
     sigmoid(s + b)`` with ``σ_min = min_scale`` (1e-3), which bounds that
     expansion by ``1/σ_min`` and leaves the usual range of ``σ`` unchanged.
 
-    The network is :class:`pyro.nn.AutoRegressiveNN` with ``param_dims=[1, 1]``
-    (:class:`~pyro.nn.ConditionalAutoRegressiveNN` when ``context_dim > 0``,
-    the context feeding every hidden unit). ``hidden_dims`` defaults to
+    The network is a :class:`~.made.MADE` with the masks of
+    :class:`pyro.nn.AutoRegressiveNN` (``param_dims=[1, 1]``; with
+    ``context_dim > 0`` those of :class:`~pyro.nn.ConditionalAutoRegressiveNN`,
+    the context feeding every hidden unit), its weights packed in one tensor. ``hidden_dims`` defaults to
     ``(3d + 1,)`` as in Pyro's ``affine_autoregressive``: MADE needs at least
     ``d`` units per layer for every degree to be connected, and about three
     per degree leaves room for nonlinearity. With ``d = 1``, ``m`` and ``s``
@@ -88,17 +88,7 @@ class InverseAutoregressive(ConditionalFlowTransform):
         self.hidden_dims = hidden
         self.context_dim = context_dim
         self.sigmoid_bias = float(sigmoid_bias)
-        with warnings.catch_warnings():
-            # Pyro suggests an affine map for input_dim = 1; a MADE whose outputs are biases is exactly that.
-            warnings.filterwarnings("ignore", message=".*input_dim = 1", category=UserWarning)
-            if context_dim:
-                self.arn = ConditionalAutoRegressiveNN(
-                    dim, context_dim, list(hidden), param_dims=[1, 1], permutation=order, nonlinearity=activation()
-                )
-            else:
-                self.arn = AutoRegressiveNN(
-                    dim, list(hidden), param_dims=[1, 1], permutation=order, nonlinearity=activation()
-                )
+        self.arn = MADE(dim, hidden, context_dim, order=order, num_outputs=2, activation=activation)
         # rank[i]: the step of the inverse at which coordinate i is known
         self.register_buffer("rank", torch.argsort(order))
 
@@ -128,8 +118,9 @@ class InverseAutoregressive(ConditionalFlowTransform):
         log_gate = F.logsigmoid(s + self.sigmoid_bias)
         if not self.min_scale:
             return log_gate.exp(), log_gate
-        log_sigma = torch.logaddexp(torch.full_like(log_gate, math.log(self.min_scale)),
-                                    log_gate + math.log1p(-self.min_scale))
+        log_sigma = torch.logaddexp(
+            torch.full_like(log_gate, math.log(self.min_scale)), log_gate + math.log1p(-self.min_scale)
+        )
         return log_sigma.exp(), log_sigma
 
     def invert(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -238,15 +229,39 @@ def maf_stack(
     hidden_dims: Sequence[int] | None = None,
     context_dim: int = 0,
     *,
+    orders: str = "auto",
+    seed: int = 0,
     activation: Callable[[], nn.Module] = nn.ReLU,
     log_scale_bound: float = 3.0,
 ) -> ComposeFlow:
-    """``num_flows`` :class:`MaskedAutoregressive` layers with a :class:`~.permute.Reverse` between each pair."""
+    """``num_flows`` :class:`MaskedAutoregressive` layers, each in its own autoregressive order.
+
+    ``orders="reverse"``: the identity order with a :class:`~.permute.Reverse`
+    between each pair of layers (two orders in all); ``"random"``: a random
+    permutation per layer, drawn from a generator seeded with ``seed`` (as in
+    Pyro's ``AutoRegressiveNN`` and zuko's ``MAF(randperm=True)``), no
+    permutation layers; ``"auto"`` (default): ``"random"`` when ``dim > 2``,
+    else ``"reverse"`` (in 2-D the two orders are all there is, and random
+    draws could repeat one). With two orders only, coordinates far apart in
+    the order interact through few layers: on 64-D digits random orders
+    improved the held-out NLL by 2.9 to 4.1 nats (5 layers, hidden (128, 128),
+    2 seeds, ``benchmarks/density.py``).
+
+    With ``context_dim > 0`` the result is a :class:`~.stack.ConditionalComposeFlow`.
+    """
     check_dim(dim)
+    if orders not in ("auto", "reverse", "random"):
+        raise ValueError(f"orders must be 'auto', 'reverse' or 'random', got {orders!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if orders == "auto":
+        orders = "random" if dim > 2 else "reverse"
+    gen = torch.Generator().manual_seed(seed)
 
     def make_layer() -> MaskedAutoregressive:
+        order = torch.randperm(dim, generator=gen) if orders == "random" else None
         return MaskedAutoregressive(
-            dim, hidden_dims, context_dim, activation=activation, log_scale_bound=log_scale_bound
+            dim, hidden_dims, context_dim, order=order, activation=activation, log_scale_bound=log_scale_bound
         )
 
-    return stack(make_layer, num_flows, dim=dim, permute=True)
+    return stack(make_layer, num_flows, dim=dim, permute=orders == "reverse")
