@@ -1,9 +1,10 @@
 """VAE posterior families at one budget: test −ELBO, −log p(x) and seconds per epoch, into docs/benchmarks.md.
 
-Runs ``examples/vae.py`` once per family (none, planar, iaf, cnf) with the same data, architecture, epochs,
-batch size, learning rate, seed and evaluation (``K`` importance samples per test image), one after the
-other in this process, and writes a table into ``docs/benchmarks.md`` between ``<!-- vae:start -->`` and
-``<!-- vae:end -->`` (one sub-block per data set, so digits and MNIST runs keep each other's tables).
+Runs ``examples/vae.py`` once per family (none, planar, iaf, sylvester, coupling, cnf) with the same
+data, architecture, epochs, batch size, learning rate, seed and evaluation (``K`` importance samples per
+test image), one after the other in this process, and writes a table into ``docs/benchmarks.md``
+between ``<!-- vae:start -->`` and ``<!-- vae:end -->`` (one sub-block per data set, so digits and
+MNIST runs keep each other's tables).
 
     python benchmarks/vae.py                                  # load_digits, 40 epochs, K = 200
     python benchmarks/vae.py --data ../shared/data/binarized_mnist.npz --train-size 20000 --epochs 5 \\

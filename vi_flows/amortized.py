@@ -174,6 +174,12 @@ class ConditionalSylvester(_ConditionalStack):
     every context. Cost per example and layer: ``O(H d²)`` to form ``Q``, ``O(d²)`` to apply it; the
     inverse is :func:`~vi_flows.transforms.sylvester.sylvester_inverse` (back substitution).
 
+    The heads read ``c / √C`` (``C = context_dim``). Under Adam a head weight moves by about ``lr`` per
+    step whatever its gradient, so an output ``Wc + a`` moves by about ``lr ‖c‖₁``; with
+    ``d² + (num_householder + 3) d`` outputs per layer, unscaled heads made the flow per-example noise
+    within a few steps and its gradient into ``c`` outgrew the Gaussian head's (2.4× after one epoch of
+    the digits VAE, whose encoder then collapsed: ``docs/benchmarks.md``). The scale divides both by ``√C``.
+
     Reference: van den Berg, Hasenclever, Tomczak, Welling, "Sylvester Normalizing Flows for Variational
     Inference", UAI 2018, §3 and their amortized implementation.
     """
@@ -203,6 +209,7 @@ class ConditionalSylvester(_ConditionalStack):
     def params(self, context: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
         """``(Q, R, R̃, b)`` per layer, of shapes ``(*batch_c, d, d)`` and ``(*batch_c, d)`` (``b``)."""
         d = self.dim
+        context = context * self.context_dim**-0.5
         full, diag_raw, log_rt_diag, b, v = self._heads(context, d * d, d, d, d, self.num_householder * d)
         full = full.unflatten(-1, (d, d))
         r_diag, rt_diag = sylvester_diagonals(diag_raw, log_rt_diag)
