@@ -176,3 +176,29 @@ def test_cnf_beats_mean_field_on_energy_u3():
     # Measured 1.85 vs 0.82 nats at this budget; a margin of half a nat leaves room for seeds and platforms.
     assert kl_cnf < kl_normal - 0.5, (kl_cnf, kl_normal)
     assert kl_cnf > -0.05
+
+
+def test_laplace_start_is_the_exact_posterior_of_an_ill_conditioned_linear_regression():
+    """Linear-Gaussian: the posterior is N(μ, Σ) exactly, and ``init="laplace"`` with a full base should start there."""
+    torch.manual_seed(0)
+    n, p, noise, tau = 200, 4, 0.3, 10.0
+    scales = torch.tensor([0.01, 1.0, 30.0, 300.0])  # posterior precision of condition number ~1e9
+    X = torch.randn(n, p) * scales
+    y = X @ (torch.randn(p) / scales) + noise * torch.randn(n)
+
+    def model(X, y):
+        b = pyro.sample("b", dist.Normal(0.0, tau).expand([p]).to_event(1))
+        with pyro.plate("data", n):
+            pyro.sample("y", dist.Normal(X @ b, noise), obs=y)
+
+    Xd, yd = X.double(), y.double()
+    cov = torch.linalg.inv(Xd.T @ Xd / noise**2 + torch.eye(p, dtype=torch.float64) / tau**2)
+    mean = cov @ Xd.T @ yd / noise**2
+    guide = AutoPlanar(model, num_flows=4, base="full", init="laplace")
+    guide(X, y)  # builds the guide; its planar layers start at the identity, so q is the base
+    # float32 L-BFGS alone stopped 4.2 posterior sds from the mode here; the Newton polish gets within 4e-6.
+    err = ((guide.loc.detach().double() - mean) / cov.diagonal().sqrt()).abs().max()
+    assert err < 1e-3, err
+    scale_tril = guide._affine_args()["scale_tril"].detach().double()
+    whitened = torch.linalg.solve_triangular(scale_tril, torch.linalg.cholesky(cov), upper=False)
+    torch.testing.assert_close(whitened @ whitened.T, torch.eye(p, dtype=torch.float64), atol=1e-4, rtol=0)

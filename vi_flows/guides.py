@@ -231,17 +231,49 @@ class AutoFlow(AutoContinuous):
         if not torch.isfinite(mode).all():
             warnings.warn("init='laplace': the MAP fit diverged; starting from init_loc_fn instead", stacklevel=3)
             return loc, None
-        hess = torch.autograd.functional.hessian(neg_log_joint, mode)
-        hess = 0.5 * (hess + hess.T)
-        chol, info = torch.linalg.cholesky_ex(hess)
-        if info.item() != 0:
+        mode, chol, info = self._newton(neg_log_joint, mode)
+        if info != 0:
             warnings.warn(
-                "init='laplace': the Hessian at the MAP is not positive definite; using the mode with "
-                "init_scale", stacklevel=3
+                "init='laplace': the Hessian at the MAP is not positive definite; using the mode with init_scale",
+                stacklevel=3,
             )
             return mode, None
         cov = torch.cholesky_inverse(chol)
-        return mode, torch.linalg.cholesky(cov)
+        return mode, torch.linalg.cholesky(cov).to(mode.dtype)
+
+    @staticmethod
+    def _newton(neg_log_joint, mode: Tensor, steps: int = 3) -> tuple[Tensor, Tensor, int]:
+        """Polish an L-BFGS mode by Newton steps ``z ← z − H⁻¹∇``, each kept only if it lowers the objective.
+
+        L-BFGS in float32 stops far from the mode of an ill-conditioned posterior (4 posterior sds on a
+        regression whose Hessian has condition number 1e9); on a Gaussian posterior one Newton step is
+        exact. Stops once the predicted decrease ``∇ᵀH⁻¹∇ / 2`` is below 1e-8 nats. ``H`` is factored in
+        float64. Returns the mode, the Cholesky factor of ``H`` there and its info (nonzero: not positive
+        definite).
+        """
+
+        def factor(z: Tensor) -> tuple[Tensor, int]:
+            hess = torch.autograd.functional.hessian(neg_log_joint, z)
+            chol, info = torch.linalg.cholesky_ex(0.5 * (hess + hess.T).double())
+            return chol, int(info.item())
+
+        value = neg_log_joint(mode).detach()
+        chol, info = factor(mode)
+        for _ in range(steps):
+            if info != 0:
+                break
+            z = mode.clone().requires_grad_()
+            (grad,) = torch.autograd.grad(neg_log_joint(z), z)
+            step = torch.cholesky_solve(grad.double().unsqueeze(-1), chol).squeeze(-1)
+            if (grad.double() @ step).item() < 2e-8:
+                break
+            candidate = mode - step.to(mode.dtype)
+            new_value = neg_log_joint(candidate).detach()
+            if not (torch.isfinite(new_value) and new_value <= value):
+                break
+            mode, value = candidate, new_value
+            chol, info = factor(mode)
+        return mode, chol, info
 
     def _log_joint(self, z: Tensor, args, kwargs) -> Tensor:
         """``log p(x, T(z)) + log|det ∂T/∂z|`` for one unconstrained vector ``z``."""
