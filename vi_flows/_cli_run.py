@@ -105,6 +105,7 @@ def fit_command(args: argparse.Namespace) -> None:
             num_steps=args.steps,
             lr=args.lr,
             num_particles=args.particles,
+            anneal=args.anneal or 0,
             seed=args.seed,
             progress=not args.quiet,
             checkpoint=checkpoint,
@@ -144,6 +145,7 @@ def fit_command(args: argparse.Namespace) -> None:
         "seconds": round(result.elapsed, 3),
         "lr": args.lr,
         "particles": args.particles,
+        "anneal": args.anneal or 0,
         "seed": args.seed,
         "device": str(device) if device is not None else None,
     }

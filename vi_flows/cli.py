@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--flows", type=_positive_int, help="number of flow layers (planar/radial: 16, iaf: 2)")
     fit.add_argument("--lr", type=_positive_float, default=1e-2, help="Adam learning rate (default: 0.01)")
     fit.add_argument("--particles", type=_positive_int, default=1, help="ELBO particles per step (default: 1)")
+    fit.add_argument(
+        "--anneal", type=_positive_int, metavar="STEPS", help="temper log p by min(1, 0.01 + t/STEPS) (default: off)"
+    )
     fit.add_argument("--samples", type=_positive_int, default=1000, help="guide draws for the report (default 1000)")
     fit.add_argument("--device", help="torch device for the data and guide, e.g. cuda")
     fit.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
