@@ -5,11 +5,15 @@ Data: two moons (2-D, ``make_moons(noise=0.05)``; 4000 training and 2000 test po
 statistics; NLL is reported in nats per example in the data's original units (the standardization's
 ``Σ log σ_j`` added back). Every flow: 5 layers of hidden (128, 128), Adam 1e-3, batch 256, up to
 3000 steps, 10 % of the training split held out and scored every 100 steps, test NLL at the best held-out
-step. vi_flows flows train with :func:`vi_flows.fit_density` (early stopping, patience 10 evaluations);
-peers with the same loop run all steps. ms/step counts training steps only (evaluations excluded).
+step. vi_flows flows train with :func:`vi_flows.fit_density` (early stopping, patience 10 evaluations;
+``--patience 0``: run all steps); peers with the same loop run all steps. ms/step counts training steps only
+(evaluations excluded). With several ``--seeds`` (data draw, split, initialization and batches all follow the
+seed) the table gives mean ± sd over seeds. ``--speed`` times vi_flows against zuko side by side instead (one
+process, interleaved blocks of training steps, medians): the only ms/step comparison to trust on a shared machine.
 
-    python benchmarks/density.py            # the full protocol, one seed (~20 min on one core)
-    python benchmarks/density.py --quick    # CI smoke test: 40 steps, small data
+    python benchmarks/density.py --seeds 0 1 2   # the full protocol, three seeds
+    python benchmarks/density.py --speed         # ms/step ratios to zuko, d = 2 and 64
+    python benchmarks/density.py --quick         # CI smoke test: 40 steps, small data
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine, parser, save_json, setup, zuko_available  # noqa: E402
+from _common import interleaved_ms, machine, parser, save_json, setup, zuko_available  # noqa: E402
 
 import vi_flows  # noqa: E402
 from vi_flows.density import FlowDensity, evaluate_nll  # noqa: E402
@@ -134,18 +138,22 @@ def _split(train: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return train[perm[n_valid:]], train[perm[:n_valid]]
 
 
-def train_vi(flow, data: dict, steps: int, seed: int) -> dict:
+def train_vi(flow, data: dict, steps: int, seed: int, patience: int | None = 10) -> dict:
     torch.manual_seed(seed)
-    fit = vi_flows.fit_density(flow, data["train"], num_steps=steps, batch_size=256, lr=1e-3, seed=seed, progress=False)
+    fit = vi_flows.fit_density(
+        flow, data["train"], num_steps=steps, batch_size=256, lr=1e-3, seed=seed, patience=patience, progress=False
+    )
     test = evaluate_nll(fit.density, data["test"])
     return dict(test_nll=test + data["log_std"], ms_per_step=1000 * fit.elapsed / fit.num_steps, steps=fit.num_steps)
 
 
 def vi_flows_models(d: int, moons: bool) -> dict[str, Callable[[], FlowDensity]]:
     models = {
+        # random orders per layer in 64-D, alternating in 2-D (maf_stack's default)
         "vi_flows MAF": lambda: FlowDensity(maf_stack(d, LAYERS, HIDDEN)),
-        "vi_flows RealNVP (coupling, alternating halves)": lambda: FlowDensity(
-            coupling_stack(d, LAYERS, HIDDEN, linear=False)
+        # odd/even halves alternating, zuko RealNVP's masks
+        "vi_flows RealNVP (coupling, alternating odd/even halves)": lambda: FlowDensity(
+            coupling_stack(d, LAYERS, HIDDEN, linear=False, interleave=True)
         ),
         "vi_flows RealNVP (coupling + invertible linear)": lambda: FlowDensity(coupling_stack(d, LAYERS, HIDDEN)),
     }
@@ -155,15 +163,18 @@ def vi_flows_models(d: int, moons: bool) -> dict[str, Callable[[], FlowDensity]]
     return models
 
 
-def run(name: str, quick: bool, seed: int, steps: int = 3000, skip: tuple[str, ...] = ()) -> list[dict]:
+def run(
+    name: str, quick: bool, seed: int, steps: int = 3000, skip: tuple[str, ...] = (), patience: int | None = 10
+) -> list[dict]:
     data = load(name, quick, seed)
     d, steps = data["dim"], 40 if quick else steps
-    rows = [dict(data=name, model="full-covariance Gaussian", test_nll=gaussian_nll(data), ms_per_step=None)]
+    gauss = dict(data=name, model="full-covariance Gaussian", test_nll=gaussian_nll(data), ms_per_step=None)
+    rows = [dict(gauss, seed=seed)]
     for model, make in vi_flows_models(d, name == "moons").items():
         if any(k in model for k in skip):
             continue
         torch.manual_seed(seed)  # the initialization, as for the peers
-        rows.append(dict(data=name, model=model, **train_vi(make(), data, steps, seed)))
+        rows.append(dict(data=name, model=model, seed=seed, **train_vi(make(), data, steps, seed, patience)))
         print(rows[-1], flush=True)
     peers = []
     if zuko_available():
@@ -179,13 +190,15 @@ def run(name: str, quick: bool, seed: int, steps: int = 3000, skip: tuple[str, .
             continue
         torch.manual_seed(seed)
         module, log_prob = make()
-        rows.append(dict(data=name, model=model, **train_peer(module, log_prob, data, steps, seed)))
+        rows.append(dict(data=name, model=model, seed=seed, **train_peer(module, log_prob, data, steps, seed)))
         print(rows[-1], flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
+    """Mean ± sd over seeds of the test NLL, median ms/step, mean steps run (one seed: the values)."""
     df = pd.DataFrame(rows)
+    n_seeds = df["seed"].nunique() if "seed" in df else 1
     out = ["| model | moons NLL / ms per step | digits NLL / ms per step |", "|---|---|---|"]
     for model in dict.fromkeys(df["model"]):
         cells = []
@@ -194,12 +207,48 @@ def table(rows: list[dict]) -> str:
             if r.empty:
                 cells.append("–")
                 continue
-            r = r.iloc[0]
-            ms = "–" if r["ms_per_step"] is None or pd.isna(r["ms_per_step"]) else f"{r['ms_per_step']:.1f}"
-            steps = "" if pd.isna(r.get("steps", np.nan)) else f" ({int(r['steps'])} steps)"
-            cells.append(f"{r['test_nll']:.3f} / {ms}{steps}")
+            nll = f"{r['test_nll'].mean():.3f}"
+            if n_seeds > 1:
+                nll += f" ± {r['test_nll'].std(ddof=1):.3f}" if len(r) > 1 else " (1 seed)"
+            ms = r["ms_per_step"].dropna()
+            ms = "–" if ms.empty else f"{ms.median():.1f}"
+            steps = r["steps"].dropna() if "steps" in r else pd.Series(dtype=float)
+            steps = "" if steps.empty else f" ({steps.mean():.0f} steps)"
+            cells.append(f"{nll} / {ms}{steps}")
         out.append(f"| {model} | {cells[0]} | {cells[1]} |")
     return "\n".join(out)
+
+
+def speed(steps: int = 40, repeats: int = 5, dims: tuple[int, ...] = (2, 64)) -> list[dict]:
+    """ms per training step (batch 256, Adam) of vi_flows vs zuko, interleaved in one process: medians."""
+    rows = []
+    for d in dims:
+        x = torch.randn(4096, d)
+
+        def stepper(module: torch.nn.Module, log_prob: Callable, x: torch.Tensor = x) -> Callable:
+            optim = torch.optim.Adam(module.parameters(), lr=1e-3)
+            gen = torch.Generator().manual_seed(0)
+
+            def step():
+                loss = -log_prob(x[torch.randint(len(x), (256,), generator=gen)]).mean()
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                optim.step()
+
+            return step
+
+        fns = {}
+        for model, make in vi_flows_models(d, moons=False).items():
+            density = make()
+            fns[model] = stepper(density, density.log_prob)
+        for kind in ("MAF", "RealNVP"):
+            fns[f"zuko {kind}"] = stepper(*zuko_flow(kind, d))
+        ms = interleaved_ms(fns, steps, repeats)
+        for model, value in ms.items():
+            peer = "zuko MAF" if "MAF" in model else "zuko RealNVP"
+            rows.append(dict(dim=d, model=model, ms_per_step=value, vs_zuko=value / ms[peer]))
+            print(rows[-1], flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -208,25 +257,45 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--docs", action="store_true", help="write the table into docs/benchmarks.md")
     p.add_argument("--steps", type=int, default=3000, help="training steps (the protocol: 3000)")
     p.add_argument("--skip", nargs="*", default=[], help="skip models whose name contains any of these")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds (default: --seed)")
+    p.add_argument("--patience", type=int, default=10, help="vi_flows early-stopping patience (0: run all steps)")
+    p.add_argument("--speed", action="store_true", help="only the side-by-side ms/step comparison with zuko")
     args = p.parse_args(argv)
     setup(args)
+    tag = "-quick" if args.quick else ""
+    if args.speed:
+        rows = speed(steps=5 if args.quick else 40, repeats=2 if args.quick else 5)
+        save_json(dict(machine=machine(), rows=rows), os.path.join(args.out, f"density-speed{tag}.json"))
+        return rows
+    seeds = args.seeds or [args.seed]
     names = ["moons", "digits"] if args.data == "both" else [args.data]
-    rows = [r for name in names for r in run(name, args.quick, args.seed, args.steps, tuple(args.skip))]
+    patience = args.patience or None
+    rows = [
+        r
+        for seed in seeds
+        for name in names
+        for r in run(name, args.quick, seed, args.steps, tuple(args.skip), patience)
+    ]
     md = table(rows)
     print(md)
-    tag = "-quick" if args.quick else ""
-    save_json(dict(machine=machine(), rows=rows), os.path.join(args.out, f"density{tag}.json"))
+    save_json(dict(machine=machine(), seeds=seeds, rows=rows), os.path.join(args.out, f"density{tag}.json"))
     if args.docs:
         from neutra import write_docs_block
 
         text = (
             "## Density estimation (`benchmarks/density.py`)\n\n"
-            "Test NLL (nats per example, original units) / ms per training step, one seed, one CPU thread on a "
-            "shared, overloaded 2-core machine (ms/step noisy, about ±30 %; compare within a column). Protocol in "
-            f"the script's docstring, run with at most {args.steps} steps"
+            f"Test NLL (nats per example, original units; mean ± sd over seeds {', '.join(map(str, seeds))}) / "
+            "median ms per training step, one CPU thread on a shared 2-core machine (ms/step noisy: compare "
+            "speeds with --speed). Protocol in the script's docstring, run with at most "
+            f"{args.steps} steps"
             + (f", skipping {', '.join(args.skip)}" if args.skip else "")
-            + "; vi_flows rows stop early on held-out NLL (steps run in parentheses). The moons law's own "
-            "entropy is about 0.289 nats.\n\n" + md
+            + (
+                f"; vi_flows rows stop early on held-out NLL (patience {patience}; mean steps run in parentheses)"
+                if patience
+                else "; every row runs all steps"
+            )
+            + ". The moons law's own entropy is about 0.289 nats.\n\n"
+            + md
         )
         write_docs_block(text, "density")
     return rows

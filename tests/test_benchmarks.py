@@ -103,6 +103,21 @@ def test_density_quick_without_zuko(bench, tmp_path, monkeypatch):
     assert models == {"full-covariance Gaussian", "vi_flows MAF"}
 
 
+def test_density_seeds_and_speed_quick(bench, tmp_path):
+    density = bench("density")
+    skip = ["NSF", "planar", "Sylvester", "Pyro", "zuko", "linear", "alternating"]
+    rows = density.main(["--quick", "--data", "moons", "--seeds", "0", "1", "--out", str(tmp_path), "--skip", *skip])
+    assert [(r["seed"], r["model"]) for r in rows] == [
+        (s, m) for s in (0, 1) for m in ("full-covariance Gaussian", "vi_flows MAF")
+    ]
+    assert all("±" in ln for ln in density.table(rows).splitlines()[2:])  # mean ± sd over the two seeds
+    if not bench("_common").zuko_available():
+        return
+    speed = density.main(["--quick", "--speed", "--out", str(tmp_path)])
+    assert {r["dim"] for r in speed} == {2, 64} and all(r["ms_per_step"] > 0 for r in speed)
+    assert all(r["vs_zuko"] == 1 for r in speed if r["model"].startswith("zuko"))
+
+
 def test_neutra_quick(bench, tmp_path, monkeypatch):
     neutra = bench("neutra")
     example = neutra._example()

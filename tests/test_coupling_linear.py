@@ -19,6 +19,8 @@ def _perturbed(t, scale=0.5, seed=0):
 MAKERS = {
     "coupling": lambda d: AffineCoupling(d, (8,)),
     "coupling-swap": lambda d: AffineCoupling(d, (8, 8), swap=True),
+    "coupling-interleave": lambda d: AffineCoupling(d, (8,), interleave=True),
+    "coupling-interleave-swap": lambda d: AffineCoupling(d, (8,), swap=True, interleave=True),
     "linear": InvertibleLinear,
     "stack": lambda d: coupling_stack(d, 3, (8,)),
 }
@@ -71,6 +73,24 @@ def test_coupling_starts_at_identity_and_log_scale_is_bounded():
     t.net[-1].bias.grad = None
     ladj.sum().backward()
     assert torch.isfinite(t.net[-1].bias.grad).all()
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_interleaved_halves(swap):
+    """``interleave``: the odd coordinates condition the even ones (``swap``: the reverse), seen in the Jacobian."""
+    t = _perturbed(AffineCoupling(5, (8,), interleave=True, swap=swap), seed=4)
+    x = torch.randn(5, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda v: t(v), x)
+    keep, change = (
+        (torch.arange(0, 5, 2), torch.arange(1, 5, 2)) if swap else (torch.arange(1, 5, 2), torch.arange(0, 5, 2))
+    )
+    torch.testing.assert_close(jac[keep], torch.eye(5, dtype=torch.float64)[keep])  # y₁ = x₁
+    block = jac[change][:, change]
+    torch.testing.assert_close(block, torch.diag(block.diagonal()))  # each y₂ reads only its own x₂ ...
+    assert jac[change][:, keep].abs().min() > 0  # ... and every coordinate of x₁
+    # one coordinate: nothing to condition on, the interleaved layer is the usual learned affine map
+    one = AffineCoupling(1, (8,), interleave=True, swap=swap)
+    assert not one.interleave and one.net(torch.zeros(0)).shape == (2,)
 
 
 @pytest.mark.parametrize("bound, finite", [(3.0, True), (1e6, False)])
@@ -128,6 +148,7 @@ def test_conditional_coupling():
         (dict(dim=3, context_dim=-1), "context_dim"),
         (dict(dim=3, log_scale_bound=0.0), "log_scale_bound"),
         (dict(dim=3, swap=1), "swap"),
+        (dict(dim=3, interleave="yes"), "interleave"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -70,3 +70,13 @@ def test_large_layers_get_tensors_of_their_own():
     assert sum(sizes) == sum(o * i + o for o, i in made.shapes)
     assert all(n <= limit for n in sizes) and len(sizes) == 2  # [w0 b0] and [w1 b1]: both pairs would exceed it
     assert made_module._pack([limit + 1, 5, 5, limit], limit) == [[limit + 1], [5, 5], [limit]]
+
+
+def test_zero_output_zeroes_every_output_and_only_the_last_layer():
+    made = MADE(3, [10], 2, order=torch.arange(3))
+    first = [t.detach().clone() for t in made._layers()[0]]
+    made.zero_output_()
+    for out in made(torch.randn(4, 3), torch.randn(4, 2)):
+        assert torch.equal(out, torch.zeros(4, 3))
+    for before, after in zip(first, made._layers()[0]):
+        assert torch.equal(before, after)

@@ -85,3 +85,53 @@ def test_bad_arguments():
         MaskedAutoregressive(3, hidden_dims=(2,))
     with pytest.raises(ValueError, match="num_flows"):
         maf_stack(3, 0)
+
+
+def test_stack_orders():
+    """``auto``: seeded random orders above 2-D (no permutation layers), the two reversed orders in 2-D."""
+    flow = maf_stack(5, 4, (16,))
+    orders = [tuple(p.order.tolist()) for p in flow.parts]
+    assert len(flow.parts) == 4 and all(isinstance(p, MaskedAutoregressive) for p in flow.parts)
+    assert all(sorted(o) == list(range(5)) for o in orders) and len(set(orders)) > 1
+    assert orders == [tuple(p.order.tolist()) for p in maf_stack(5, 4, (16,)).parts]  # same seed, same orders
+    assert orders != [tuple(p.order.tolist()) for p in maf_stack(5, 4, (16,), seed=1).parts]
+    for flow in (maf_stack(2, 3, (8,)), maf_stack(5, 3, (16,), orders="reverse")):
+        assert [type(p).__name__ for p in flow.parts] == ["MaskedAutoregressive", "Reverse"] * 2 + [
+            "MaskedAutoregressive"
+        ]
+
+
+def test_random_order_stack_ladj_and_round_trip():
+    torch.manual_seed(2)
+    flow = maf_stack(5, 3, (16,), orders="random").double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(7, 5, dtype=torch.float64) * 2
+    check_ladj(flow, x)
+    check_round_trip(flow, x, atol=1e-9)
+
+
+def test_stack_bad_orders():
+    with pytest.raises(ValueError, match="orders"):
+        maf_stack(3, 2, orders="shuffled")
+    with pytest.raises(ValueError, match="seed"):
+        maf_stack(3, 2, seed=0.5)
+
+
+def test_starts_at_identity_and_trains_every_weight():
+    """The last MADE layer starts at zero (identity map); one Adam step then moves the network's weights."""
+    torch.manual_seed(0)
+    t = MaskedAutoregressive(4, (16,))
+    x = torch.randn(8, 4)
+    y, ladj = t.call_and_ladj(x)
+    torch.testing.assert_close(y, x)
+    assert (ladj == 0).all()
+    before = torch.cat([p.detach().flatten() for p in t.arn.parameters()])
+    optim = torch.optim.Adam(t.parameters(), lr=1e-2)
+    for _ in range(2):  # the first step reaches the last layer only (the layers before it see a zero gradient)
+        optim.zero_grad()
+        t.inverse_and_ladj(torch.randn(8, 4) * 2)[1].pow(2).sum().add(t.inv(x.clone()).pow(2).sum()).backward()
+        optim.step()
+    after = torch.cat([p.detach().flatten() for p in t.arn.parameters()])
+    assert ((after - before).abs() > 0).float().mean() > 0.5  # masked-out entries excepted

@@ -42,10 +42,11 @@ class InverseAutoregressive(ConditionalFlowTransform):
     The network is a :class:`~.made.MADE` with the masks of
     :class:`pyro.nn.AutoRegressiveNN` (``param_dims=[1, 1]``; with
     ``context_dim > 0`` those of :class:`~pyro.nn.ConditionalAutoRegressiveNN`,
-    the context feeding every hidden unit), its weights packed in one tensor. ``hidden_dims`` defaults to
-    ``(3d + 1,)`` as in Pyro's ``affine_autoregressive``: MADE needs at least
-    ``d`` units per layer for every degree to be connected, and about three
-    per degree leaves room for nonlinearity. With ``d = 1``, ``m`` and ``s``
+    the context feeding every hidden unit), its weights packed into few
+    tensors. ``hidden_dims`` defaults to ``(3d + 1,)`` as in Pyro's
+    ``affine_autoregressive``: MADE needs at least ``d`` units per layer for
+    every degree to be connected, and about three per degree leaves room for
+    nonlinearity. With ``d = 1``, ``m`` and ``s``
     depend only on biases (and the context): a learned affine map.
 
     With ``context_dim > 0`` the layer is a family ``f(·; c)``; use
@@ -180,7 +181,14 @@ class MaskedAutoregressive(InverseAutoregressive):
     added after the scaling in the density direction (as in zuko's MAF):
     with the same network, the best held-out NLL on digits improved by 3.2
     nats (one seed, 300 steps) over ``x = (y − μ) exp(−a)``, where the shift
-    is tied to the scale.
+    is tied to the scale. The last network layer starts at zero, so the layer
+    starts as the identity (as :class:`~.coupling.AffineCoupling` does): with
+    the usual random initialization five stacked layers start as a random
+    warp of the data, and the test NLL on 64-D digits was 2.2 and 3.3 nats
+    worse (2 seeds; 5 layers, hidden (128, 128), ``benchmarks/density.py``).
+    On 2-D two moons the two starts are within seed noise (mean of 8 seeds
+    0.401 ± 0.070 from zero, 0.373 ± 0.033 from the random start, the gap
+    mostly one seed).
 
     Reference: Papamakarios, Pavlakou, Murray, "Masked Autoregressive Flow for
     Density Estimation", NeurIPS 2017.
@@ -200,6 +208,7 @@ class MaskedAutoregressive(InverseAutoregressive):
 
         super().__init__(dim, hidden_dims, context_dim, order=order, activation=activation)
         self.log_scale_bound = check_bound(log_scale_bound)
+        self.arn.zero_output_()  # m = a = 0: the identity map
 
     def _shift_log_scale(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         from .coupling import soft_bound

@@ -59,7 +59,9 @@ class AffineCoupling(ConditionalFlowTransform):
     r"""``y₁ = x₁``, ``y₂ = (x₂ − t(x₁)) ⊙ exp(s(x₁))``, ``log|det J| = Σ s(x₁)``.
 
     ``x₁`` are the first ``split = dim // 2`` coordinates (``swap=True``: the
-    last ``split``), ``x₂`` the rest; ``(s', t) = MLP(x₁[, context])``. The
+    last ``split``), ``x₂`` the rest; with ``interleave=True``, ``x₁`` are the
+    odd-indexed coordinates (``swap=True``: the even-indexed ones), as in
+    zuko's ``RealNVP``. ``(s', t) = MLP(x₁[, context])``. The
     inverse is closed-form, ``x₂ = y₂ ⊙ exp(−s(y₁)) + t(y₁)``; both
     directions cost one network pass. This is RealNVP's
     ``y₂ = x₂ ⊙ exp(s) + t'`` with ``t' = −t exp(s)``: the same family, but the
@@ -67,7 +69,11 @@ class AffineCoupling(ConditionalFlowTransform):
     which fits data better: held-out NLL on two moons 0.40 ± 0.01 against
     0.53 ± 0.08 nats for ``t'`` (3 seeds, 1500 steps). Stacks alternate the
     halves (a :class:`~.permute.Reverse` or :class:`~.linear.InvertibleLinear`
-    between layers, see :func:`coupling_stack`).
+    between layers, see :func:`coupling_stack`). Interleaved halves suit
+    data whose neighbouring coordinates are correlated (images): on 64-D
+    digits (8×8 pixels) they gave a held-out NLL 4.1 nats lower than
+    first/last halves (5 layers, no linear mixing, one seed,
+    ``benchmarks/density.py``).
 
     The log-scale is ``s = a·tanh(s'/a)`` with ``a = log_scale_bound`` (3 by
     default). Unbounded, one confident layer can scale by ``e^{20}``, and the
@@ -93,6 +99,7 @@ class AffineCoupling(ConditionalFlowTransform):
         context_dim: int = 0,
         *,
         swap: bool = False,
+        interleave: bool = False,
         activation: Callable[[], nn.Module] = nn.ReLU,
         log_scale_bound: float = 3.0,
     ):
@@ -102,17 +109,28 @@ class AffineCoupling(ConditionalFlowTransform):
         self.log_scale_bound = check_bound(log_scale_bound)
         if not isinstance(swap, bool):
             raise ValueError(f"swap must be True or False, got {swap!r}")
-        self.swap = swap
-        split = dim // 2
+        if not isinstance(interleave, bool):
+            raise ValueError(f"interleave must be True or False, got {interleave!r}")
+        self.swap, self.interleave = swap, interleave and dim > 1
         # index of the conditioning half and of the transformed half
-        if swap:
-            self._keep, self._change = slice(dim - split, dim), slice(0, dim - split)
+        if self.interleave:
+            odd, even = slice(1, None, 2), slice(0, None, 2)
+            self._keep, self._change = (even, odd) if swap else (odd, even)
+        elif swap:
+            self._keep, self._change = slice(dim - dim // 2, dim), slice(0, dim - dim // 2)
         else:
-            self._keep, self._change = slice(0, split), slice(split, dim)
+            self._keep, self._change = slice(0, dim // 2), slice(dim // 2, dim)
+        index = torch.arange(dim)
+        split = len(index[self._keep])
+        # _join's permutation: (kept, changed) back to the coordinates' order
+        self.register_buffer("_unshuffle", torch.argsort(torch.cat([index[self._keep], index[self._change]])), False)
         self.net = mlp(split + context_dim, self.hidden_dims, 2 * (dim - split), activation)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, hidden_dims={self.hidden_dims}, context_dim={self.context_dim}, swap={self.swap}"
+        return (
+            f"dim={self.dim}, hidden_dims={self.hidden_dims}, context_dim={self.context_dim}, swap={self.swap}, "
+            f"interleave={self.interleave}"
+        )
 
     def _shift_log_scale(self, x1: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         h = x1 if context is None else torch.cat([x1, context], -1)
@@ -120,6 +138,8 @@ class AffineCoupling(ConditionalFlowTransform):
         return shift, soft_bound(raw, self.log_scale_bound)
 
     def _join(self, kept: Tensor, changed: Tensor) -> Tensor:
+        if self.interleave:
+            return torch.cat([kept, changed], -1)[..., self._unshuffle]
         return torch.cat([changed, kept] if self.swap else [kept, changed], -1)
 
     def transform(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -145,6 +165,7 @@ def coupling_stack(
     *,
     linear: bool = True,
     linear_init: str = "rotation",
+    interleave: bool = False,
     activation: Callable[[], nn.Module] = nn.ReLU,
     log_scale_bound: float = 3.0,
 ) -> ComposeFlow:
@@ -153,7 +174,9 @@ def coupling_stack(
     With ``linear=True`` (RealNVP + Glow's mixing) an
     :class:`~.linear.InvertibleLinear` precedes every coupling layer, so each
     layer conditions on a learned mix of all coordinates; otherwise the halves
-    just alternate (``swap``); ``linear_init`` is passed on as its ``init``. With ``context_dim > 0`` the result is a
+    just alternate (``swap``); ``linear_init`` is passed on as its ``init``.
+    ``interleave=True``: odd/even-indexed halves instead of first/last ones
+    (see :class:`AffineCoupling`). With ``context_dim > 0`` the result is a
     :class:`~.stack.ConditionalComposeFlow`.
     """
     from .linear import InvertibleLinear
@@ -168,7 +191,13 @@ def coupling_stack(
             parts.append(InvertibleLinear(dim, linear_init))
         parts.append(
             AffineCoupling(
-                dim, hidden_dims, context_dim, swap=bool(k % 2), activation=activation, log_scale_bound=log_scale_bound
+                dim,
+                hidden_dims,
+                context_dim,
+                swap=bool(k % 2),
+                interleave=interleave,
+                activation=activation,
+                log_scale_bound=log_scale_bound,
             )
         )
     return ConditionalComposeFlow(parts, dim) if context_dim else ComposeFlow(parts, dim)

@@ -71,6 +71,13 @@ class MADE(nn.Module):
                 w.uniform_(-bound, bound)
                 b.uniform_(-bound, bound)
 
+    def zero_output_(self) -> MADE:
+        """Set the last layer's weights and biases to zero, so every output starts at 0; returns ``self``."""
+        with torch.no_grad():
+            for p in self._layers()[-1]:
+                p.zero_()
+        return self
+
     def _layers(self) -> list[tuple[Tensor, Tensor]]:
         """(weight, bias) views of each layer into the packed parameters."""
         # one split, not a slice per tensor: a slice's backward allocates a zero tensor the size of the whole parameter
