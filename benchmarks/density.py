@@ -33,7 +33,7 @@ from _common import interleaved_ms, machine, parser, save_json, setup, zuko_avai
 
 import vi_flows  # noqa: E402
 from vi_flows.density import FlowDensity, evaluate_nll  # noqa: E402
-from vi_flows.transforms import ComposeFlow, PlanarStack, Sylvester, coupling_stack, maf_stack  # noqa: E402
+from vi_flows.transforms import ComposeFlow, PlanarStack, Sylvester, coupling_stack, maf_stack, spline_stack  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HIDDEN = (128, 128)
@@ -156,6 +156,8 @@ def vi_flows_models(d: int, moons: bool) -> dict[str, Callable[[], FlowDensity]]
             coupling_stack(d, LAYERS, HIDDEN, linear=False, interleave=True)
         ),
         "vi_flows RealNVP (coupling + invertible linear)": lambda: FlowDensity(coupling_stack(d, LAYERS, HIDDEN)),
+        # rational-quadratic splines, 8 bins on [-5, 5], odd/even halves alternating
+        "vi_flows NSF (spline coupling)": lambda: FlowDensity(spline_stack(d, LAYERS, HIDDEN, bins=8)),
     }
     if moons:  # the O(d) families, trained through their numerical inverses
         models["vi_flows planar (32 layers)"] = lambda: FlowDensity(PlanarStack(d, 32))
@@ -219,7 +221,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def speed(steps: int = 40, repeats: int = 5, dims: tuple[int, ...] = (2, 64)) -> list[dict]:
+def speed(steps: int = 40, repeats: int = 5, dims: tuple[int, ...] = (2, 64), skip: tuple[str, ...] = ()) -> list[dict]:
     """ms per training step (batch 256, Adam) of vi_flows vs zuko, interleaved in one process: medians."""
     rows = []
     for d in dims:
@@ -239,14 +241,16 @@ def speed(steps: int = 40, repeats: int = 5, dims: tuple[int, ...] = (2, 64)) ->
 
         fns = {}
         for model, make in vi_flows_models(d, moons=False).items():
-            density = make()
-            fns[model] = stepper(density, density.log_prob)
-        for kind in ("MAF", "RealNVP"):
-            fns[f"zuko {kind}"] = stepper(*zuko_flow(kind, d))
+            if not any(k in model for k in skip):
+                density = make()
+                fns[model] = stepper(density, density.log_prob)
+        for kind in ("MAF", "RealNVP", "NSF"):
+            if not any(k in f"zuko {kind}" for k in skip):
+                fns[f"zuko {kind}"] = stepper(*zuko_flow(kind, d))
         ms = interleaved_ms(fns, steps, repeats)
         for model, value in ms.items():
-            peer = "zuko MAF" if "MAF" in model else "zuko RealNVP"
-            rows.append(dict(dim=d, model=model, ms_per_step=value, vs_zuko=value / ms[peer]))
+            peer = next(f"zuko {k}" for k in ("NSF", "MAF", "RealNVP") if k in model or k == "RealNVP")
+            rows.append(dict(dim=d, model=model, ms_per_step=value, vs_zuko=value / ms[peer] if peer in ms else None))
             print(rows[-1], flush=True)
     return rows
 
@@ -264,7 +268,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     setup(args)
     tag = "-quick" if args.quick else ""
     if args.speed:
-        rows = speed(steps=5 if args.quick else 40, repeats=2 if args.quick else 5)
+        rows = speed(steps=5 if args.quick else 40, repeats=2 if args.quick else 5, skip=tuple(args.skip))
         save_json(dict(machine=machine(), rows=rows), os.path.join(args.out, f"density-speed{tag}.json"))
         return rows
     seeds = args.seeds or [args.seed]

@@ -62,3 +62,23 @@ def check_gradients_reach_all(t, x):
         assert p.grad is not None, f"no gradient for {name}"
         assert torch.isfinite(p.grad).all(), name
     assert any(p.grad.abs().sum() > 0 for p in t.parameters())
+
+
+def check_grid_density(flow, lim: float, n: int, tol: float = 1e-3):
+    """A 2-D flow's density sums to 1 within ``tol`` on a grid, and ``log_prob`` of its draws agrees with theirs."""
+    mass, dist = grid_mass(flow, lim=lim, n=n)
+    assert abs(mass - 1) < tol, mass
+    y, log_q = dist.rsample_and_log_prob((32,))
+    torch.testing.assert_close(dist.log_prob(y.clone()), log_q, atol=1e-9, rtol=1e-9)
+
+
+def check_interleaved_halves(t, dim: int, swap: bool):
+    """Odd/even coupling: ``y₁ = x₁`` and each ``y₂[i]`` reads its own ``x₂[i]`` and every coordinate of ``x₁``."""
+    x = torch.randn(dim, dtype=torch.float64)
+    jac = jacobian(lambda v: t(v), x)
+    evens, odds = torch.arange(0, dim, 2), torch.arange(1, dim, 2)
+    keep, change = (evens, odds) if swap else (odds, evens)
+    torch.testing.assert_close(jac[keep], torch.eye(dim, dtype=torch.float64)[keep])
+    block = jac[change][:, change]
+    torch.testing.assert_close(block, torch.diag(block.diagonal()))
+    assert jac[change][:, keep].abs().min() > 0

@@ -99,7 +99,7 @@ def test_density_quick(bench, tmp_path):
 
 def test_density_quick_without_zuko(bench, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "zuko", None)  # import zuko now raises ImportError
-    models = _density_quick(bench, tmp_path, "digits", ["invertible linear", "alternating", "Pyro"])
+    models = _density_quick(bench, tmp_path, "digits", ["invertible linear", "alternating", "Pyro", "NSF"])
     assert models == {"full-covariance Gaussian", "vi_flows MAF"}
 
 

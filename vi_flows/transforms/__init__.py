@@ -13,6 +13,7 @@ from .linear import InvertibleLinear
 from .permute import Permute, Reverse
 from .planar import Planar, PlanarStack
 from .radial import Radial, RadialStack
+from .spline import SplineCoupling, rq_spline, spline_stack
 from .stack import ConditionalComposeFlow, stack
 from .sylvester import Sylvester
 
@@ -32,9 +33,12 @@ __all__ = [
     "Radial",
     "RadialStack",
     "Reverse",
+    "SplineCoupling",
     "Sylvester",
     "coupling_stack",
     "iaf_stack",
     "maf_stack",
+    "rq_spline",
+    "spline_stack",
     "stack",
 ]
