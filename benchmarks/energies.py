@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import os
 import re
-import statistics
 import sys
 import time
 
 import numpy as np
-import pyro
 import torch
-from pyro import poutine
-from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.infer import Predictive
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
@@ -52,22 +49,6 @@ QUICK_GUIDES = ["pyro:normal", "pyro:planar2", "vi:planar2", "vi:radial4"]
 LIM = 4.0
 
 
-def tempered(model):
-    """``model`` with its log joint multiplied by ``beta`` (default 1: the model itself)."""
-
-    def model_beta(beta: float = 1.0):
-        with poutine.scale(scale=beta):
-            return model()
-
-    model_beta.__name__ = model.__name__
-    return model_beta
-
-
-def beta_schedule(anneal: int):
-    """``β_t = min(1, 0.01 + t / anneal)`` (Rezende & Mohamed 2015, sec. 6.1); constant 1 when ``anneal = 0``."""
-    return (lambda t: min(1.0, 0.01 + t / anneal)) if anneal > 0 else (lambda t: 1.0)
-
-
 def make_guide(name: str, model, **options):
     """:func:`_common.make_guide`, plus ``vi:iaf<K>``, ``vi:realnvp<K>``, ``vi:sylvester<K>`` with ``K`` layers."""
     m = re.fullmatch(r"vi:(iaf|realnvp|sylvester)(\d+)", name)
@@ -77,46 +58,6 @@ def make_guide(name: str, model, **options):
     return cls(model, num_flows=int(m[2]), init_scale=options.pop("init_scale", 1.0), **options)
 
 
-def train(
-    model,
-    guide,
-    *,
-    num_steps: int,
-    num_particles: int,
-    lr: float,
-    lr_final: float,
-    seed: int,
-    anneal: int = 0,
-    late_particles: int | None = None,
-    late_fraction: float = 0.25,
-) -> dict:
-    """:func:`_common.train` (Adam, lr decayed exponentially to ``lr_final``) on the tempered ``model(beta)``.
-
-    With ``anneal = 0`` and no ``late_particles`` this is :func:`_common.train` step for step.
-    """
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
-    gamma = (lr_final / lr) ** (1.0 / max(num_steps - 1, 1))
-    optim = pyro.optim.ExponentialLR({"optimizer": torch.optim.Adam, "optim_args": {"lr": lr}, "gamma": gamma})
-
-    def svi(n: int) -> SVI:
-        return SVI(model, guide, optim, Trace_ELBO(num_particles=n, vectorize_particles=n > 1))
-
-    early = svi(num_particles)
-    late = svi(late_particles) if late_particles else early
-    switch = num_steps - int(late_fraction * num_steps) if late_particles else num_steps
-    beta = beta_schedule(anneal)
-    elbos, times = [], []
-    for t in range(num_steps):
-        t0 = time.perf_counter()
-        value = (early if t < switch else late).step(beta(t))
-        optim.step()
-        times.append(time.perf_counter() - t0)
-        elbos.append(-value)
-    warm = times[min(10, len(times) // 2) :]
-    return {"elbo_trace": elbos, "ms_per_step": 1e3 * statistics.median(warm), "seconds": sum(times)}
-
-
 def run(args) -> dict:
     targets = ["U1", "U2"] if args.quick else args.targets
     guides = QUICK_GUIDES if args.quick else args.guides
@@ -124,14 +65,14 @@ def run(args) -> dict:
     budget.update(anneal=args.anneal, late_particles=args.late_particles, late_fraction=args.late_fraction)
     rows, pictures = [], {}
     for target in targets:
-        model = tempered(energy_model(target))
+        model = energy_model(target)
         for name in guides:
             options = {}
             if name == "vi:cnf":  # the FFJORD default 1e-5 costs ~10x the steps' time; 1e-3 keeps log q exact to ~1e-3
                 options = dict(rtol=args.cnf_tol, atol=args.cnf_tol)
             guide = make_guide(name, model, **options)
             t0 = time.perf_counter()
-            fit = train(model, guide, seed=args.seed, **budget)
+            fit = C.train(model, guide, seed=args.seed, **budget)
             d = diagnose(model, guide, num_samples=args.draws, seed=args.seed + 1)
             z = Predictive(model, guide=guide, num_samples=args.draws, return_sites=["z"], parallel=True)()["z"]
             pictures[(target, name)] = z.detach().reshape(-1, 2).cpu().numpy()

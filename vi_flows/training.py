@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as _distributed
 
-__all__ = ["fit", "FitResult"]
+__all__ = ["FitResult", "Tempered", "anneal_beta", "fit"]
 
 _FORMAT = "vi_flows.fit/1"
 _COLUMNS = ("step", "elbo", "elapsed", "lr", "grad_norm", "beta")
@@ -229,7 +229,7 @@ def fit(
     _check_args(num_steps, lr, num_particles, tol, patience, window, lr_decay, checkpoint_every, log_every)
     if isinstance(anneal, bool) or not isinstance(anneal, int) or anneal < 0:
         raise ValueError(f"anneal must be an integer >= 0 (steps until beta = 1; 0: off), got {anneal!r}")
-    tempered = _Tempered(model) if anneal else None
+    tempered = Tempered(model) if anneal else None
     optim = _make_optim(optim, lr, lr_decay, num_steps)
     loss = _make_loss(loss, num_particles)
     if data is not None and (args or not isinstance(data, Iterable)):
@@ -317,12 +317,11 @@ def fit(
         with _DeferredInterrupt() as interrupt, bar:
             for step in range(start + 1, num_steps + 1 if not converged else 0):
                 in_step = True
-                beta = 1.0
+                beta = anneal_beta(step, anneal)
+                model_t = model
                 if tempered is not None:
-                    beta = tempered.beta = min(1.0, 0.01 + (step - 1) / anneal)
+                    tempered.beta = beta
                     model_t = tempered
-                else:
-                    model_t = model
                 if sync is None:
                     step_args, step_kwargs = (args, kwargs) if batches is None else batches.next(kwargs)
                     loss_value, grad_norm = _svi_step(step, loss, optim, model_t, guide, step_args, step_kwargs)
@@ -414,7 +413,15 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-class _Tempered:
+def anneal_beta(step: int, anneal: int) -> float:
+    """``β`` at 1-based ``step``: ``min(1, 0.01 + (step − 1)/anneal)`` (Rezende & Mohamed 2015, §6.1).
+
+    Constant 1 when ``anneal = 0``.
+    """
+    return min(1.0, 0.01 + (step - 1) / anneal) if anneal else 1.0
+
+
+class Tempered:
     """``model`` with every site's log-density scaled by ``beta`` (set before each step)."""
 
     def __init__(self, model: Callable):

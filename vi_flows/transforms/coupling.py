@@ -55,7 +55,47 @@ def mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int, activation: Calla
     return nn.Sequential(*layers, last)
 
 
-class AffineCoupling(ConditionalFlowTransform):
+class _Coupling(ConditionalFlowTransform):
+    """What coupling layers share: the two halves of the input, the conditioner's input, and the way back.
+
+    ``x₁`` (kept) are the first ``dim // 2`` coordinates (``swap=True``: the last ``dim // 2``), ``x₂``
+    (changed) the rest; ``interleave=True``: ``x₁`` the odd-indexed coordinates (``swap``: the even ones).
+    """
+
+    def __init__(self, dim: int, hidden_dims: Sequence[int], context_dim: int, swap: bool, interleave: bool) -> None:
+        super().__init__(dim)
+        self.hidden_dims = check_hidden_dims(hidden_dims)
+        self.context_dim = check_context_dim(context_dim)
+        if not isinstance(swap, bool):
+            raise ValueError(f"swap must be True or False, got {swap!r}")
+        if not isinstance(interleave, bool):
+            raise ValueError(f"interleave must be True or False, got {interleave!r}")
+        self.swap, self.interleave = swap, interleave and dim > 1
+        if self.interleave:
+            odd, even = slice(1, None, 2), slice(0, None, 2)
+            self._keep, self._change = (even, odd) if swap else (odd, even)
+        elif swap:
+            self._keep, self._change = slice(dim - dim // 2, dim), slice(0, dim - dim // 2)
+        else:
+            self._keep, self._change = slice(0, dim // 2), slice(dim // 2, dim)
+        index = torch.arange(dim)
+        self.split = len(index[self._keep])
+        # _join's permutation: (kept, changed) back to the coordinates' order
+        self.register_buffer("_unshuffle", torch.argsort(torch.cat([index[self._keep], index[self._change]])), False)
+
+    def _halves(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x[..., self._keep], x[..., self._change]
+
+    def _conditioner_input(self, kept: Tensor, context: Tensor | None) -> Tensor:
+        return kept if context is None else torch.cat([kept, context], -1)
+
+    def _join(self, kept: Tensor, changed: Tensor) -> Tensor:
+        if self.interleave:
+            return torch.cat([kept, changed], -1)[..., self._unshuffle]
+        return torch.cat([changed, kept] if self.swap else [kept, changed], -1)
+
+
+class AffineCoupling(_Coupling):
     r"""``y₁ = x₁``, ``y₂ = (x₂ − t(x₁)) ⊙ exp(s(x₁))``, ``log|det J| = Σ s(x₁)``.
 
     ``x₁`` are the first ``split = dim // 2`` coordinates (``swap=True``: the
@@ -103,28 +143,9 @@ class AffineCoupling(ConditionalFlowTransform):
         activation: Callable[[], nn.Module] = nn.ReLU,
         log_scale_bound: float = 3.0,
     ):
-        super().__init__(dim)
-        self.hidden_dims = check_hidden_dims(hidden_dims)
-        self.context_dim = check_context_dim(context_dim)
+        super().__init__(dim, hidden_dims, context_dim, swap, interleave)
         self.log_scale_bound = check_bound(log_scale_bound)
-        if not isinstance(swap, bool):
-            raise ValueError(f"swap must be True or False, got {swap!r}")
-        if not isinstance(interleave, bool):
-            raise ValueError(f"interleave must be True or False, got {interleave!r}")
-        self.swap, self.interleave = swap, interleave and dim > 1
-        # index of the conditioning half and of the transformed half
-        if self.interleave:
-            odd, even = slice(1, None, 2), slice(0, None, 2)
-            self._keep, self._change = (even, odd) if swap else (odd, even)
-        elif swap:
-            self._keep, self._change = slice(dim - dim // 2, dim), slice(0, dim - dim // 2)
-        else:
-            self._keep, self._change = slice(0, dim // 2), slice(dim // 2, dim)
-        index = torch.arange(dim)
-        split = len(index[self._keep])
-        # _join's permutation: (kept, changed) back to the coordinates' order
-        self.register_buffer("_unshuffle", torch.argsort(torch.cat([index[self._keep], index[self._change]])), False)
-        self.net = mlp(split + context_dim, self.hidden_dims, 2 * (dim - split), activation)
+        self.net = mlp(self.split + self.context_dim, self.hidden_dims, 2 * (dim - self.split), activation)
 
     def extra_repr(self) -> str:
         return (
@@ -133,26 +154,20 @@ class AffineCoupling(ConditionalFlowTransform):
         )
 
     def _shift_log_scale(self, x1: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        h = x1 if context is None else torch.cat([x1, context], -1)
-        shift, raw = self.net(h).chunk(2, -1)
+        shift, raw = self.net(self._conditioner_input(x1, context)).chunk(2, -1)
         return shift, soft_bound(raw, self.log_scale_bound)
-
-    def _join(self, kept: Tensor, changed: Tensor) -> Tensor:
-        if self.interleave:
-            return torch.cat([kept, changed], -1)[..., self._unshuffle]
-        return torch.cat([changed, kept] if self.swap else [kept, changed], -1)
 
     def transform(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(y, log|det J|)`` for ``x`` given ``context`` (``None`` when ``context_dim = 0``)."""
         x, context = self._broadcast(x, context)
-        x1, x2 = x[..., self._keep], x[..., self._change]
+        x1, x2 = self._halves(x)
         shift, log_scale = self._shift_log_scale(x1, context)
         return self._join(x1, (x2 - shift) * log_scale.exp()), log_scale.sum(-1)
 
     def invert(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(x, log|det J(x)|)`` for ``y = f(x; context)``, in one network pass."""
         y, context = self._broadcast(y, context)
-        y1, y2 = y[..., self._keep], y[..., self._change]
+        y1, y2 = self._halves(y)
         shift, log_scale = self._shift_log_scale(y1, context)
         return self._join(y1, y2 * torch.exp(-log_scale) + shift), log_scale.sum(-1)
 

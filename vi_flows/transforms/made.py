@@ -57,8 +57,9 @@ class MADE(nn.Module):
         masks, _ = create_mask(dim, context_dim, list(hidden_dims), self.permutation, num_outputs)
         widths = [dim + context_dim, *hidden_dims, num_outputs * dim]
         self.shapes = list(zip(widths[1:], widths[:-1]))  # (out, in) of each layer
-        for k, mask in enumerate(masks):
-            self.register_buffer(f"mask{k}", mask)
+        self._mask_names = [f"mask{k}" for k in range(len(masks))]
+        for name, mask in zip(self._mask_names, masks):
+            self.register_buffer(name, mask)
         self.groups = _pack([n for o, i in self.shapes for n in (o * i, o)], PACK_LIMIT)
         self.weights = nn.ParameterList(nn.Parameter(torch.empty(sum(g))) for g in self.groups)
         self.activation = activation()
@@ -91,8 +92,8 @@ class MADE(nn.Module):
             x = torch.cat([context.expand(x.shape[:-1] + context.shape[-1:]), x], dim=-1)
         layers = self._layers()
         h = x
-        for k, (w, b) in enumerate(layers):
-            h = F.linear(h, w * getattr(self, f"mask{k}"), b)
+        for k, ((w, b), name) in enumerate(zip(layers, self._mask_names)):
+            h = F.linear(h, w * self._buffers[name], b)
             if k < len(layers) - 1:
                 h = self.activation(h)
         return h.unflatten(-1, (self.num_outputs, self.dim)).unbind(-2)

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ComposeFlow, ConditionalFlowTransform, FlowTransform, check_dim, check_hidden_dims
-from .coupling import check_bound, check_context_dim, mlp
+from .base import ComposeFlow, FlowTransform, check_dim
+from .coupling import _Coupling, check_bound, mlp
 
 __all__ = ["SplineCoupling", "rq_spline", "spline_stack"]
 
@@ -116,7 +116,7 @@ def rq_spline(
     return torch.where(inside, out, x), torch.where(inside, log_dydx, torch.zeros_like(x))
 
 
-class SplineCoupling(ConditionalFlowTransform):
+class SplineCoupling(_Coupling):
     r"""``y₁ = x₁``, ``y₂ = g⁻¹(x₂; θ(x₁))``, ``g`` an elementwise rational-quadratic spline.
 
     ``θ(x₁[, c]) = MLP(·)`` gives, for each coordinate of ``x₂``, ``K`` widths, ``K``
@@ -144,29 +144,13 @@ class SplineCoupling(ConditionalFlowTransform):
         swap: bool = False,
         activation: Callable[[], nn.Module] = nn.ReLU,
     ):
-        super().__init__(dim)
-        self.hidden_dims = check_hidden_dims(hidden_dims)
+        super().__init__(dim, hidden_dims, context_dim, swap, interleave)
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
             raise ValueError(f"bins must be an integer >= 2, got {bins!r}")
         self.bins = bins
         self.bound = check_bound(bound, "bound")
-        self.context_dim = check_context_dim(context_dim)
-        if not isinstance(swap, bool):
-            raise ValueError(f"swap must be True or False, got {swap!r}")
-        if not isinstance(interleave, bool):
-            raise ValueError(f"interleave must be True or False, got {interleave!r}")
-        self.swap, self.interleave = swap, interleave and dim > 1
-        index = torch.arange(dim)
-        if self.interleave:
-            odd, even = index[1::2], index[0::2]
-            keep, change = (even, odd) if swap else (odd, even)
-        else:
-            split = dim // 2
-            keep, change = (index[dim - split :], index[: dim - split]) if swap else (index[:split], index[split:])
-        self.register_buffer("_keep", keep, False)
-        self.register_buffer("_change", change, False)
-        self.register_buffer("_unshuffle", torch.argsort(torch.cat([keep, change])), False)
-        self.net = mlp(len(keep) + context_dim, self.hidden_dims, len(change) * (3 * bins - 1), activation)
+        changed = dim - self.split
+        self.net = mlp(self.split + self.context_dim, self.hidden_dims, changed * (3 * bins - 1), activation)
 
     def extra_repr(self) -> str:
         return (
@@ -174,22 +158,20 @@ class SplineCoupling(ConditionalFlowTransform):
             f"context_dim={self.context_dim}, swap={self.swap}, interleave={self.interleave}"
         )
 
-    def _spline(self, kept: Tensor, changed: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
-        h = kept if context is None else torch.cat([kept, context], -1)
-        theta = self.net(h).unflatten(-1, (changed.shape[-1], 3 * self.bins - 1))
+    def _spline(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
+        kept, changed = self._halves(x)
+        theta = self.net(self._conditioner_input(kept, context)).unflatten(-1, (changed.shape[-1], 3 * self.bins - 1))
         widths, heights, derivatives = theta.split([self.bins, self.bins, self.bins - 1], -1)
         out, ladj = rq_spline(changed, widths, heights, derivatives, self.bound, inverse)
-        return torch.cat([kept, out], -1)[..., self._unshuffle], ladj.sum(-1)
+        return self._join(kept, out), ladj.sum(-1)
 
     def transform(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(y, log|det J|)`` for ``x`` (noise side) given ``context`` (``None`` when ``context_dim = 0``)."""
-        x, context = self._broadcast(x, context)
-        return self._spline(x[..., self._keep], x[..., self._change], context, inverse=True)
+        return self._spline(*self._broadcast(x, context), inverse=True)
 
     def invert(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(x, log|det J(x)|)`` for ``y = f(x; context)``, in one network pass."""
-        y, context = self._broadcast(y, context)
-        x, ladj = self._spline(y[..., self._keep], y[..., self._change], context, inverse=False)
+        x, ladj = self._spline(*self._broadcast(y, context), inverse=False)
         return x, -ladj
 
 
