@@ -127,6 +127,7 @@ def test_gradients_reach_every_parameter_and_adjoint_agrees(d, trace):
     grads = []
     for adjoint in (False, True):
         t = _make(d, seed=7, trace=trace, adjoint=adjoint)
+        assert t.gradient == ("adjoint" if adjoint else "backprop")
         torch.manual_seed(8)  # the same Hutchinson probe in both runs
         y, ladj = t.call_and_ladj(x)
         (y.sin().sum() + ladj.sum()).backward()
@@ -135,16 +136,17 @@ def test_gradients_reach_every_parameter_and_adjoint_agrees(d, trace):
             assert p.grad.abs().max() > 0, name
         grads.append([x.grad.clone()] + [p.grad for p in t.parameters()])
         x.grad = None
-    # Backprop through the solver and the adjoint solve are two discretizations of the same gradient, each
+    # Backprop through our dopri5 and torchdiffeq's adjoint solve are two discretizations of the same gradient, each
     # accurate to about GLOBAL relative to the gradient's size; 10x that leaves room for the adjoint solve,
     # whose error control also weighs the parameters' adjoints.
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5 * (1 + a.abs().max().item()), rtol=1e-5)
 
 
-def test_float32_works():
+@pytest.mark.parametrize("gradient", ["backprop", "checkpoint"])
+def test_float32_works(gradient):
     torch.manual_seed(9)
-    t = ContinuousFlow(3, (16, 16))
+    t = ContinuousFlow(3, (16, 16), gradient=gradient)
     with torch.no_grad():
         for p in t.parameters():
             p.normal_(0, 0.5)
@@ -159,9 +161,10 @@ def test_float32_works():
     assert (ladj_back - ladj).abs().max() < 1e-3
 
 
+@pytest.mark.parametrize("gradient", ["backprop", "checkpoint"])
 @pytest.mark.parametrize("d", [3, 5])
-def test_works_without_grad(d):
-    t = _make(d, seed=10)
+def test_works_without_grad(d, gradient):
+    t = _make(d, seed=10, gradient=gradient)
     x = torch.randn(2, d, dtype=torch.float64)
     y, ladj = t.call_and_ladj(x)
     for trace in ("exact", "hutchinson"):
@@ -170,6 +173,7 @@ def test_works_without_grad(d):
             y0, ladj0 = t.call_and_ladj(x.clone())
             x0, ladj_inv = t.inverse_and_ladj(y0.clone())
         assert not (y0.requires_grad or ladj0.requires_grad or x0.requires_grad or ladj_inv.requires_grad)
+        assert y0.grad_fn is ladj0.grad_fn is x0.grad_fn is ladj_inv.grad_fn is None
         assert torch.isfinite(ladj0).all() and torch.isfinite(ladj_inv).all()
         torch.testing.assert_close(y0, y.detach(), atol=GLOBAL, rtol=0)
         torch.testing.assert_close(x0, x, atol=GLOBAL, rtol=0)
@@ -252,6 +256,11 @@ def test_conditional_errors():
         ({"t1": float("inf")}, "t1"),
         ({"exact_trace_max_dim": -1}, "exact_trace_max_dim"),
         ({"activation": "relu"}, "activation"),
+        ({"gradient": "exact"}, "gradient"),
+        ({"gradient": "backprop", "adjoint": True}, "adjoint"),
+        ({"gradient": "checkpoint", "solver": "bosh3"}, "solver"),
+        ({"options": {"step_t": [0.5]}}, "step_t"),
+        ({"trace_weight": 0}, "trace_weight"),
     ],
 )
 def test_bad_arguments(kwargs, name):
@@ -289,3 +298,77 @@ def test_flow_distribution_with_conditioned_flow():
     y, log_q = dist.rsample_and_log_prob((4,))
     assert y.shape == (4, 3, 2) and log_q.shape == (4, 3)
     torch.testing.assert_close(dist.log_prob(y.clone()), log_q, atol=GLOBAL, rtol=0)
+
+
+def _graph_size(out: torch.Tensor) -> int:
+    """The number of autograd nodes ``out`` reaches."""
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(n for n, _ in node.next_functions)
+    return len(seen)
+
+
+@pytest.mark.parametrize(
+    "d, trace, context_dim, reverse",
+    [(3, "exact", 0, False), (6, "exact", 2, False), (4, "hutchinson", 2, False), (3, "exact", 0, True)],
+)
+def test_checkpoint_gradients_equal_backprop(d, trace, context_dim, reverse):
+    """Both modes take the same steps, so re-running each step in the backward gives backprop's gradient."""
+    x0 = torch.randn(5, d, dtype=torch.float64)
+    c0 = torch.randn(5, context_dim, dtype=torch.float64)
+    runs = {}
+    for gradient in ("backprop", "checkpoint"):
+        t = _make(d, context_dim, seed=16, trace=trace, gradient=gradient, rtol=1e-6, atol=1e-6)
+        x, c = x0.clone().requires_grad_(), c0.clone().requires_grad_()
+        flow = t.condition(2 * c) if context_dim else t  # a non-leaf context, as an encoder's output
+        torch.manual_seed(17)  # the same Hutchinson probe in both runs
+        y, ladj = flow.inverse_and_ladj(x) if reverse else flow.call_and_ladj(x)
+        nodes = _graph_size(ladj)
+        (y.sin().sum() + ladj.square().sum()).backward()
+        grads = [x.grad, *([c.grad] if context_dim else []), *(p.grad for p in t.parameters())]
+        runs[gradient] = (t.nfe, y.detach(), ladj.detach(), grads, nodes)
+    (nfe_b, y_b, ladj_b, grads_b, nodes_b), (nfe_c, y_c, ladj_c, grads_c, nodes_c) = runs.values()
+    assert nfe_b == nfe_c > 7  # the same steps, and more than one
+    torch.testing.assert_close(y_c, y_b, atol=1e-14, rtol=0)
+    torch.testing.assert_close(ladj_c, ladj_b, atol=1e-14, rtol=0)
+    # no graph of the solve: the checkpoint node, the input's reshape/cat and one leaf per parameter/input
+    assert nodes_c <= len(grads_c) + 8 < nodes_b / 10, (nodes_c, nodes_b)
+    for a, b in zip(grads_b, grads_c):
+        assert b is not None and a.abs().max() > 0
+        # the same arithmetic in another order: rounding only (measured 3e-16 relative)
+        torch.testing.assert_close(b, a, atol=1e-11 * a.abs().max().item(), rtol=0)
+
+
+def test_checkpoint_round_trip_and_ladj():
+    t = _make(3, seed=18, gradient="checkpoint")
+    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    y, ladj = t.call_and_ladj(x)
+    solve = _solution_map(t)
+    torch.testing.assert_close(ladj.detach(), brute_force_ladj(solve, x.detach()), atol=GLOBAL, rtol=0)
+    x_back, ladj_back = t.inverse_and_ladj(y.detach().clone())
+    torch.testing.assert_close(x_back.detach(), x.detach(), atol=GLOBAL, rtol=0)
+    torch.testing.assert_close(ladj_back.detach(), ladj.detach(), atol=GLOBAL, rtol=0)
+
+
+def test_identity_takes_one_step():
+    """At f ≡ 0 the first step, the whole span, is exact: 7 evaluations (torchdiffeq's start of 1e-6 took 44)."""
+    t = ContinuousFlow(3, rtol=1e-5, atol=1e-5)
+    y, ladj = t.call_and_ladj(torch.randn(4, 3))
+    assert t.nfe == 7  # f at the start, 5 stages, f at the end (the error estimate)
+    assert torch.equal(ladj, torch.zeros(4))
+
+
+@pytest.mark.parametrize("solver", ["dopri5", "bosh3"])  # our dopri5, and torchdiffeq's norm option
+def test_trace_weight_relaxes_the_step_size_control(solver):
+    t = _make(4, seed=19, scale=1.0, solver=solver, rtol=1e-6, atol=1e-6)
+    x = torch.randn(8, 4, dtype=torch.float64)  # after _make's seed: this field and these points
+    _, ladj = t.call_and_ladj(x)
+    strict = t.nfe
+    t.trace_weight = 1e-2
+    _, ladj_loose = t.call_and_ladj(x.clone())
+    assert t.nfe < 0.9 * strict, (t.nfe, strict)  # the log-det's error limits the steps on this field
+    # still a solve: the log-det's local error may reach 100x the tolerance 1e-6, its global error ~10x that
+    torch.testing.assert_close(ladj_loose, ladj, atol=1e-3, rtol=0)

@@ -18,7 +18,7 @@ from pyro.infer import (
 )
 from pyro.infer.autoguide import AutoDelta, AutoGuideList, AutoNormal
 
-from vi_flows import AutoCNF, AutoFlow, AutoIAF, AutoPlanar, AutoRadial
+from vi_flows import AutoCNF, AutoFlow, AutoIAF, AutoNSF, AutoPlanar, AutoRadial
 from vi_flows.transforms import Planar
 
 from .conftest import cuda
@@ -28,6 +28,7 @@ FAST_GUIDES = {
     "radial": lambda m, **kw: AutoRadial(m, num_flows=4, **kw),
     "iaf": lambda m, **kw: AutoIAF(m, num_flows=2, **kw),
     "cnf": lambda m, **kw: AutoCNF(m, hidden_dims=(16, 16), rtol=1e-3, atol=1e-3, **kw),
+    "nsf": lambda m, **kw: AutoNSF(m, num_flows=2, hidden_dims=(16,), **kw),
 }
 
 
@@ -174,10 +175,33 @@ def test_bad_num_flows(bad):
         AutoPlanar(constrained_model, num_flows=bad)
 
 
-@pytest.mark.parametrize("kw", [{"init_scale": -1.0}, {"base": "dense"}, {"init": "map"}])
+@pytest.mark.parametrize("kw", [{"init_scale": -1.0}, {"base": "dense"}, {"init": "map"}, {"start": "zero"}])
 def test_bad_options(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         AutoPlanar(constrained_model, **kw)
+
+
+def test_cnf_checkpoint_gradient_equals_backprop():
+    """AutoCNF(gradient="checkpoint") gives the default's loss and parameter gradients (same steps, exact backward)."""
+    grads = {}
+    for mode in ("backprop", "checkpoint"):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = AutoCNF(constrained_model, hidden_dims=(8,), rtol=1e-4, atol=1e-4, gradient=mode, init_scale=0.5)
+        guide()
+        assert guide.flow.parts[0].gradient == mode
+        with torch.no_grad():  # a non-trivial field: the last layer starts at zero
+            for p in guide.flow.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        pyro.set_rng_seed(3)
+        loss = Trace_ELBO().differentiable_loss(constrained_model, guide)
+        params = dict(guide.named_parameters())
+        grads[mode] = (loss, dict(zip(params, torch.autograd.grad(loss, list(params.values())))))
+    (loss_b, g_b), (loss_c, g_c) = grads["backprop"], grads["checkpoint"]
+    torch.testing.assert_close(loss_c, loss_b)
+    assert g_b.keys() == g_c.keys() and any(g.abs().sum() > 0 for g in g_b.values())
+    for name in g_b:
+        torch.testing.assert_close(g_c[name], g_b[name], rtol=1e-4, atol=1e-6)
 
 
 def test_latent_dimension_change_is_an_error():

@@ -203,12 +203,13 @@ def _model_with_discrete():
         (lambda: AutoIAF(_model_with_latent, hidden_dims=(0,)), ["hidden_dims"]),
         (lambda: AutoPlanar(_model_with_latent, base="diagonal"), ["base", "'diagonal'"]),
         (lambda: AutoCNF(_model_with_latent, solver="euler-ish"), ["solver"]),
+        (lambda: AutoCNF(_model_with_latent, gradient="exact"), ["gradient", "'exact'"]),
         (lambda: AutoPlanar(_model_without_latent)(), ["no latent"]),
         (lambda: AutoPlanar(_model_with_discrete)(), ["'k'", "discrete"]),
         (lambda: Planar(3)(torch.zeros(4, 2)), ["last dimension 3", "(4, 2)"]),
         (lambda: PlanarStack(2, num_flows=-1), ["num_flows"]),
     ],
-    ids=["steps", "lr", "flows", "hidden", "base", "solver", "no-latent", "discrete", "shape", "stack"],
+    ids=["steps", "lr", "flows", "hidden", "base", "solver", "gradient", "no-latent", "discrete", "shape", "stack"],
 )
 def test_bad_input_raises_value_error_naming_it(call, words):
     pyro.clear_param_store()

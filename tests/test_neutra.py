@@ -1,4 +1,4 @@
-"""AutoRealNVP / AutoSylvester presets, and every vi_flows guide inside Pyro's NeuTraReparam."""
+"""AutoRealNVP / AutoSylvester / AutoNSF presets, and every vi_flows guide inside Pyro's NeuTraReparam."""
 
 import math
 
@@ -10,9 +10,9 @@ from pyro import poutine
 from pyro.infer import MCMC, NUTS
 from pyro.infer.reparam import NeuTraReparam
 
-from vi_flows import AutoIAF, AutoPlanar, AutoRadial, AutoRealNVP, AutoSylvester, fit
+from vi_flows import AutoIAF, AutoNSF, AutoPlanar, AutoRadial, AutoRealNVP, AutoSylvester, fit
 
-GUIDES = [AutoIAF, AutoPlanar, AutoRadial, AutoRealNVP, AutoSylvester]
+GUIDES = [AutoIAF, AutoPlanar, AutoRadial, AutoRealNVP, AutoSylvester, AutoNSF]
 
 
 def funnel(d=4):
@@ -34,7 +34,7 @@ def _perturb(guide, scale=0.3, seed=0):
             p.add_(scale * torch.randn_like(p))
 
 
-@pytest.mark.parametrize("cls", [AutoRealNVP, AutoSylvester])
+@pytest.mark.parametrize("cls", [AutoRealNVP, AutoSylvester, AutoNSF])
 def test_presets_start_at_their_base_gaussian(cls):
     guide = cls(funnel, init_scale=1e-3)
     guide()
@@ -43,7 +43,7 @@ def test_presets_start_at_their_base_gaussian(cls):
     assert (z - guide.loc).abs().max() < 1e-2
 
 
-@pytest.mark.parametrize("cls", [AutoRealNVP, AutoSylvester])
+@pytest.mark.parametrize("cls", [AutoRealNVP, AutoSylvester, AutoNSF])
 def test_presets_fit_a_simple_posterior(cls):
     # Normal-Normal model: posterior of mu is N(ȳ n/(n+1), 1/(n+1)) with a N(0, 1) prior and unit noise
     y = torch.tensor([1.0, 2.0, 0.5, 1.5])

@@ -170,6 +170,33 @@ def _with_params(t, u, w, b, fn):
         t.u, t.w, t.b = saved
 
 
+@pytest.mark.parametrize("cls", [Planar, lambda d, **kw: PlanarStack(d, 6, **kw)])
+def test_planar_starts(cls):
+    """identity: y = x exactly; random: u, w, b ~ U(−1/√d, 1/√d) as Pyro's Planar, and not the identity."""
+    torch.manual_seed(3)
+    x = torch.randn(50, 4, dtype=torch.float64)
+    ident = cls(4).double()
+    y, ladj = ident.call_and_ladj(x)
+    # û = 0 up to float32 rounding of the u that makes it so (the parameters are made in float32)
+    torch.testing.assert_close(y, x, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ladj, torch.zeros(50, dtype=torch.float64), atol=1e-6, rtol=0)
+    rand = cls(4, start="random").double()
+    for p in (rand.u, rand.w, rand.b):
+        assert 0 < p.abs().max() <= 0.5  # s = 1/√4
+    assert rand.u.abs().max() > 0.25  # 4+ uniform draws all below s/2: probability 2⁻⁴ (fixed seed)
+    y, ladj = rand.call_and_ladj(x)
+    assert (y - x).abs().max() > 0.1 and ladj.abs().max() > 0.01
+    check_ladj(rand, x[:3])
+    check_round_trip(rand, x)
+
+
+def test_planar_bad_start_and_scale():
+    with pytest.raises(ValueError, match="start must be one of"):
+        PlanarStack(2, 3, start="zeros")
+    with pytest.raises(ValueError, match="init_scale must be a positive"):
+        Planar(2, init_scale=0.0)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
 def test_bad_dim(bad):
     for cls in FAMILIES:

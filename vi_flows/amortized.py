@@ -25,6 +25,7 @@ from .transforms.continuous import ContinuousFlow
 from .transforms.coupling import coupling_stack
 from .transforms.planar import identity_u, planar_call, planar_inverse, planar_u_hat
 from .transforms.radial import identity_beta_raw, radial_alpha_beta, radial_call, radial_inverse
+from .transforms.spline import spline_stack
 from .transforms.stack import stack
 from .transforms.sylvester import (
     householder_product,
@@ -36,12 +37,22 @@ from .transforms.sylvester import (
 
 __all__ = ["AmortizedFlow", "ConditionalPlanar", "ConditionalRadial", "ConditionalSylvester", "FLOWS"]
 
-FLOWS = ("none", "planar", "radial", "sylvester", "iaf", "coupling", "cnf")
-DEFAULT_NUM_FLOWS = {"none": 0, "planar": 10, "radial": 10, "sylvester": 4, "iaf": 2, "coupling": 4, "cnf": 1}
+FLOWS = ("none", "planar", "radial", "sylvester", "iaf", "coupling", "spline", "cnf")
+DEFAULT_NUM_FLOWS = {
+    "none": 0,
+    "planar": 10,
+    "radial": 10,
+    "sylvester": 4,
+    "iaf": 2,
+    "coupling": 4,
+    "spline": 4,
+    "cnf": 1,
+}
 # flow_options each family accepts (CNF: any ContinuousFlow keyword, checked there)
 FLOW_OPTIONS = {
     "iaf": {"activation", "sigmoid_bias"},
     "coupling": {"linear", "linear_init", "activation", "log_scale_bound"},
+    "spline": {"bins", "bound", "interleave", "activation"},
     "sylvester": {"num_householder"},
 }
 
@@ -238,6 +249,11 @@ class AmortizedFlow(nn.Module):
       alternating halves, ``c`` an input of every coupling network, each preceded by an
       :class:`~vi_flows.transforms.InvertibleLinear` started at the identity
       (:func:`~vi_flows.transforms.coupling_stack`; ``linear=False`` drops those);
+    * ``"spline"``: ``num_flows`` (default 4) :class:`~vi_flows.transforms.SplineCoupling` layers on
+      alternating odd/even halves, ``c`` an input of every coupling network
+      (:func:`~vi_flows.transforms.spline_stack`: ``bins`` rational-quadratic bins on ``[−bound, bound]``,
+      default 8 on ``[−5, 5]``, the identity outside; Durkan et al. 2019). The window is in ``z``-space:
+      it suits latents on the scale of an ``N(0, I)`` prior;
     * ``"cnf"``: ``num_flows`` (default 1) :class:`~vi_flows.transforms.ContinuousFlow` blocks whose
       ODE net takes ``c`` in every ConcatSquash gate and shift (not FFJORD's low-rank
       ``W + U(c)V(c)ᵀ`` hypernetwork);
@@ -250,12 +266,13 @@ class AmortizedFlow(nn.Module):
         context_dim: last dimension of the context.
         flow: one of :data:`FLOWS`.
         num_flows: number of layers (blocks for ``"cnf"``); family default when None.
-        hidden_dims: MADE widths (IAF, default ``(3d + 1,)``), coupling-net widths (coupling, default
-            ``(3d + 1,)``) or ODE-net widths (CNF, default ``(64, 64)``); the other families take none.
+        hidden_dims: MADE widths (IAF, default ``(3d + 1,)``), coupling-net widths (coupling and spline,
+            default ``(3d + 1,)``) or ODE-net widths (CNF, default ``(64, 64)``); the other families take none.
         **flow_options: passed to :class:`~vi_flows.transforms.ContinuousFlow` (``trace``, ``rtol``,
             ``atol``, ``solver``, ``adjoint``, ...), :class:`~vi_flows.transforms.InverseAutoregressive`
             (``sigmoid_bias``, ``activation``), :func:`~vi_flows.transforms.coupling_stack` (``linear``,
-            ``linear_init``, ``activation``, ``log_scale_bound``) or :class:`ConditionalSylvester`
+            ``linear_init``, ``activation``, ``log_scale_bound``), :func:`~vi_flows.transforms.spline_stack`
+            (``bins``, ``bound``, ``interleave``, ``activation``) or :class:`ConditionalSylvester`
             (``num_householder``).
 
     Call with ``context`` of shape ``(*B, context_dim)``: returns a distribution with batch shape ``B``
@@ -285,9 +302,10 @@ class AmortizedFlow(nn.Module):
             raise ValueError(f"num_flows must be 0 (or None) for flow='none', got {num_flows!r}")
         if flow != "none" and not self.num_flows:
             raise ValueError(f"num_flows must be an integer >= 1 for flow={flow!r}, got {num_flows!r}")
-        if hidden_dims is not None and flow not in ("iaf", "coupling", "cnf"):
+        if hidden_dims is not None and flow not in ("iaf", "coupling", "spline", "cnf"):
             raise ValueError(
-                f"hidden_dims applies to flow='iaf', 'coupling' or 'cnf' only, got {hidden_dims!r} with flow={flow!r}"
+                f"hidden_dims applies to flow='iaf', 'coupling', 'spline' or 'cnf' only, got {hidden_dims!r} "
+                f"with flow={flow!r}"
             )
         unknown = sorted(set(flow_options) - FLOW_OPTIONS.get(flow, set())) if flow != "cnf" else []
         if unknown:
@@ -309,6 +327,9 @@ class AmortizedFlow(nn.Module):
         if flow == "coupling":
             hidden = (3 * d + 1,) if hidden_dims is None else hidden_dims
             return coupling_stack(d, k, hidden, c, **{"linear_init": "identity", **options})
+        if flow == "spline":
+            hidden = (3 * d + 1,) if hidden_dims is None else hidden_dims
+            return spline_stack(d, k, hidden, context_dim=c, **options)
         if flow == "cnf":
             hidden = (64, 64) if hidden_dims is None else hidden_dims
             if k == 1:

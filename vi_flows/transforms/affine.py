@@ -38,12 +38,16 @@ class Affine(FlowTransform):
     ``L`` is ``diag(scale)`` or a lower-triangular ``scale_tril``; the inverse
     is a triangular solve. Holds tensors, not parameters: guides build it from
     their own parameters (it is the base Gaussian written as a transform).
+    ``dim`` defaults to ``loc.shape[-1]`` (pass it under ``torch.jit.trace``,
+    where that size is a traced tensor).
     """
 
-    def __init__(self, loc: Tensor, scale: Tensor | None = None, scale_tril: Tensor | None = None):
+    def __init__(
+        self, loc: Tensor, scale: Tensor | None = None, scale_tril: Tensor | None = None, dim: int | None = None
+    ):
         if (scale is None) == (scale_tril is None):
             raise ValueError("Affine needs exactly one of scale= and scale_tril=")
-        super().__init__(loc.shape[-1])
+        super().__init__(loc.shape[-1] if dim is None else dim)
         self.loc, self.scale, self.scale_tril = loc, scale, scale_tril
         self._log_det = affine_log_det(scale, scale_tril)
 

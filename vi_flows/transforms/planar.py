@@ -32,6 +32,25 @@ def identity_u(w: Tensor) -> Tensor:
     return a * w / (w * w).sum(-1, keepdim=True)
 
 
+STARTS = ("identity", "random")
+
+
+def planar_init(shape: tuple, dim: int, init_scale: float | None, start: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(u, w, b)`` of shapes ``(*shape, dim), (*shape, dim), shape``: ``w ~ U(−s, s)``, ``s = 1/√d`` by default.
+
+    ``start="identity"``: ``û = 0`` and ``b = 0``; ``"random"``: ``u, b ~ U(−s, s)`` too, as Pyro's ``Planar``.
+    """
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {list(STARTS)}, got {start!r}")
+    scale = 1.0 / math.sqrt(dim) if init_scale is None else init_scale
+    if not scale > 0:
+        raise ValueError(f"init_scale must be a positive float (or None for 1/sqrt(dim)), got {init_scale!r}")
+    w = torch.empty(*shape, dim).uniform_(-scale, scale)
+    if start == "identity":
+        return identity_u(w), w, torch.zeros(shape)
+    return torch.empty(*shape, dim).uniform_(-scale, scale), w, torch.empty(shape).uniform_(-scale, scale)
+
+
 def _dot(x: Tensor, w: Tensor) -> Tensor:
     # one shared w (d,) is a matrix-vector product; per-example w (..., d) broadcasts
     return x @ w if w.dim() == 1 else (x * w).sum(-1)
@@ -79,20 +98,20 @@ class Planar(FlowTransform):
     then ``x = y − û tanh(α + b)``. Its gradient is the implicit-function
     gradient, so ``log_prob`` of data trains the layer (maximum likelihood).
 
-    It starts as the identity (``û = 0``, random ``w``), so a guide starts at
+    By default it starts as the identity (``û = 0``, random ``w``), so a guide starts at
     its base Gaussian; the gradient with respect to ``u`` is not zero there.
+    ``start="random"`` draws ``u, w, b ~ U(−s, s)`` as Pyro's ``Planar`` does: the
+    layers then start bent in random directions, which helps a stack of many
+    layers split mass between modes (measured in ``docs/benchmarks.md``).
 
     Reference: Rezende & Mohamed, "Variational Inference with Normalizing
     Flows", ICML 2015.
     """
 
-    def __init__(self, dim: int, init_scale: float | None = None):
+    def __init__(self, dim: int, init_scale: float | None = None, start: str = "identity"):
         super().__init__(dim)
-        scale = 1.0 / math.sqrt(dim) if init_scale is None else init_scale
-        w = torch.empty(dim).uniform_(-scale, scale)
-        self.w = nn.Parameter(w)
-        self.u = nn.Parameter(identity_u(w))
-        self.b = nn.Parameter(torch.zeros(()))
+        u, w, b = planar_init((), dim, init_scale, start)
+        self.u, self.w, self.b = nn.Parameter(u), nn.Parameter(w), nn.Parameter(b)
 
     def u_hat(self) -> Tensor:
         """The constrained ``û``, with ``wᵀû > −1``."""
@@ -111,21 +130,18 @@ class PlanarStack(FlowTransform):
     r"""``num_flows`` planar layers ``f_K ∘ … ∘ f_1`` with their parameters packed.
 
     Same math as :class:`Planar` (rows ``u_k, w_k, b_k`` of ``u, w, b``), but
-    three parameter tensors instead of ``3K``; starts as the identity. Pyro's optimizers keep one
+    three parameter tensors instead of ``3K``; ``start`` as there. Pyro's optimizers keep one
     torch optimizer per parameter, and at small ``d`` that bookkeeping, not
     the math, dominates a step.
     """
 
-    def __init__(self, dim: int, num_flows: int, init_scale: float | None = None):
+    def __init__(self, dim: int, num_flows: int, init_scale: float | None = None, start: str = "identity"):
         super().__init__(dim)
         if isinstance(num_flows, bool) or not isinstance(num_flows, int) or num_flows < 1:
             raise ValueError(f"num_flows must be an integer >= 1, got {num_flows!r}")
         self.num_flows = num_flows
-        scale = 1.0 / math.sqrt(dim) if init_scale is None else init_scale
-        w = torch.empty(num_flows, dim).uniform_(-scale, scale)
-        self.w = nn.Parameter(w)
-        self.u = nn.Parameter(identity_u(w))
-        self.b = nn.Parameter(torch.zeros(num_flows))
+        u, w, b = planar_init((num_flows,), dim, init_scale, start)
+        self.u, self.w, self.b = nn.Parameter(u), nn.Parameter(w), nn.Parameter(b)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_flows={self.num_flows}"
