@@ -10,8 +10,8 @@ columns: guides; histograms of guide draws on [−4, 4]²) to ``--out``.
 ``--anneal T`` trains on the tempered target ``p_β ∝ exp(−β U)`` with ``β_t = min(1, 0.01 + t/T)`` (Rezende &
 Mohamed 2015, sec. 6.1) and evaluates at ``β = 1``; ``--late-particles N`` uses ``N`` particles for the last
 ``--late-fraction`` of the steps. Guide names beyond ``_common.make_guide``'s: ``vi:iaf<K>``, ``vi:realnvp<K>``,
-``vi:sylvester<K>`` (``K`` layers), ``vi:planar<K>-random`` (``AutoPlanar(start="random")``) and ``vi:cnf``
-with ``--cnf-tol``.
+``vi:sylvester<K>``, ``vi:nsf<K>`` (``K`` layers), ``vi:planar<K>-random`` (``AutoPlanar(start="random")``)
+and ``vi:cnf`` with ``--cnf-tol``.
 """
 
 from __future__ import annotations
@@ -51,14 +51,15 @@ LIM = 4.0
 
 
 def make_guide(name: str, model, **options):
-    """:func:`_common.make_guide`, plus ``vi:{iaf,realnvp,sylvester}<K>`` and ``vi:planar<K>-random``."""
+    """:func:`_common.make_guide`, plus ``vi:{iaf,realnvp,sylvester,nsf}<K>`` and ``vi:planar<K>-random``."""
     m = re.fullmatch(r"vi:planar(\d+)-random", name)
     if m is not None:
         return vi_flows.AutoPlanar(model, int(m[1]), start="random", init_scale=options.pop("init_scale", 1.0))
-    m = re.fullmatch(r"vi:(iaf|realnvp|sylvester)(\d+)", name)
+    m = re.fullmatch(r"vi:(iaf|realnvp|sylvester|nsf)(\d+)", name)
     if m is None:
         return C.make_guide(name, model, **options)
-    cls = {"iaf": vi_flows.AutoIAF, "realnvp": vi_flows.AutoRealNVP, "sylvester": vi_flows.AutoSylvester}[m[1]]
+    families = {"iaf": "AutoIAF", "realnvp": "AutoRealNVP", "sylvester": "AutoSylvester", "nsf": "AutoNSF"}
+    cls = getattr(vi_flows, families[m[1]])
     return cls(model, num_flows=int(m[2]), init_scale=options.pop("init_scale", 1.0), **options)
 
 

@@ -1,6 +1,6 @@
 """VAE posterior families at one budget: test −ELBO, −log p(x) and seconds per epoch, into docs/benchmarks.md.
 
-Runs ``examples/vae.py`` once per family (none, planar, iaf, sylvester, coupling, cnf) with the same
+Runs ``examples/vae.py`` once per family (none, planar, iaf, sylvester, coupling, spline, cnf) with the same
 data, architecture, epochs, batch size, learning rate, seed and evaluation (``K`` importance samples per
 test image), one after the other in this process, and writes a table into ``docs/benchmarks.md``
 between ``<!-- vae:start -->`` and ``<!-- vae:end -->`` (one sub-block per data set, so digits and
@@ -10,7 +10,9 @@ MNIST runs keep each other's tables).
     python benchmarks/vae.py --data ../shared/data/binarized_mnist.npz --train-size 20000 --epochs 5 \\
         --test-size 200 --iw-samples 100
 
-``--from-json --note TEXT`` re-renders the last run's table (``benchmarks/results/vae_*.json``) with a note.
+``--from-json --note TEXT`` re-renders the last run's table (``benchmarks/results/vae_*.json``) with a note;
+``--merge`` adds this run's families to that file's rows (replacing rows of the same family) instead of
+starting a new table.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def load_example():
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="binarized-MNIST .npz; default sklearn load_digits")
-    p.add_argument("--families", nargs="+", default=["none", "planar", "iaf", "sylvester", "coupling", "cnf"])
+    families = ["none", "planar", "iaf", "sylvester", "coupling", "spline", "cnf"]
+    p.add_argument("--families", nargs="+", default=families)
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--train-size", type=int, default=None)
@@ -59,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: examples/vae.py --quick for every family")
     p.add_argument("--note", default="", help="a paragraph appended to the table (e.g. why an ordering differs)")
     p.add_argument("--from-json", action="store_true", help="re-render the table of the last run (with --note)")
+    p.add_argument("--merge", action="store_true", help="add the rows to the last run's (same family: replaced)")
     return p.parse_args(argv)
 
 
@@ -146,6 +150,10 @@ def main(argv=None) -> list[dict]:
             rows = json.load(f)
     else:
         rows = run(args)
+        if args.merge and os.path.exists(path):
+            with open(path) as f:
+                kept = [r for r in json.load(f) if r["flow"] not in args.families]
+            rows = kept + rows
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             json.dump(rows, f, indent=1)

@@ -50,7 +50,7 @@ from vi_flows import AmortizedFlow, fit
 from vi_flows.distributed import init, is_main, launched, relaunch
 from vi_flows.transforms import ContinuousFlow
 
-FAMILIES = ("none", "planar", "iaf", "sylvester", "coupling", "cnf")
+FAMILIES = ("none", "planar", "iaf", "sylvester", "coupling", "spline", "cnf")
 DIGITS_TEST = 300
 
 
@@ -146,7 +146,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="binarized-MNIST .npz (default: sklearn load_digits, pixel > 7)")
     p.add_argument("--flow", choices=FAMILIES, default="none", help="posterior family (default: none)")
     p.add_argument("--num-flows", type=int, default=None,
-                   help="layers (default: planar 10, iaf 2, sylvester 4, coupling 4, cnf 1)")
+                   help="layers (default: planar 10, iaf 2, sylvester 4, coupling 4, spline 4, cnf 1)")
     p.add_argument("--latent-dim", type=int, default=64)
     p.add_argument("--hidden", type=int, default=300, help="width H of encoder and decoder layers")
     p.add_argument("--epochs", type=int, default=10)

@@ -248,3 +248,31 @@ def test_fit_with_two_processes(files, tmp_path):
     record = json.loads((tmp_path / "run" / "diagnostics.json").read_text())
     assert record["run"]["steps"] == 30 and math.isfinite(record["elbo"])
     assert list(pd.read_csv(tmp_path / "run" / "elbo.csv")["step"]) == list(range(1, 31))
+
+
+@pytest.mark.parametrize(
+    "name, guide_cls, layer_cls",
+    [
+        ("planar", "AutoPlanar", "PlanarStack"),
+        ("radial", "AutoRadial", "RadialStack"),
+        ("iaf", "AutoIAF", "InverseAutoregressive"),
+        ("realnvp", "AutoRealNVP", "AffineCoupling"),
+        ("sylvester", "AutoSylvester", "Sylvester"),
+        ("nsf", "AutoNSF", "SplineCoupling"),
+    ],
+)
+def test_every_flow_guide_name_builds_that_guide_with_its_flows(name, guide_cls, layer_cls):
+    import pyro
+    import pyro.distributions as dist
+
+    import vi_flows
+    from vi_flows._cli_run import _make_guide
+
+    def model():
+        pyro.sample("z", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+
+    guide = _make_guide(name, model, 3)
+    assert type(guide) is getattr(vi_flows, guide_cls)
+    guide()
+    layers = [m for m in guide.flow.modules() if type(m).__name__ == layer_cls]
+    assert sum(getattr(m, "num_flows", 1) for m in layers) == 3

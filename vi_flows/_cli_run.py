@@ -82,7 +82,7 @@ def fit_command(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise UsageError(str(e)) from e
     if args.flows is not None and args.guide in ("normal", "cnf"):
-        raise UsageError(f"--flows applies to --guide planar, radial or iaf, not {args.guide}")
+        raise UsageError(f"--flows applies to flow-layer guides (planar, radial, iaf, ...), not {args.guide}")
     device = _device(args.device)
     if device is not None:
         data = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in data.items()}
@@ -202,13 +202,14 @@ def _preflight(model, data: dict) -> None:
 def _make_guide(name: str, model, flows: int | None):
     from pyro.infer.autoguide import AutoNormal
 
-    from .guides import AutoCNF, AutoIAF, AutoPlanar, AutoRadial
+    from . import guides
 
     if name == "normal":
         return AutoNormal(model)
     if name == "cnf":
-        return AutoCNF(model)
-    cls = {"planar": AutoPlanar, "radial": AutoRadial, "iaf": AutoIAF}[name]
+        return guides.AutoCNF(model)
+    names = {"planar": "AutoPlanar", "radial": "AutoRadial", "iaf": "AutoIAF", "realnvp": "AutoRealNVP"}
+    cls = getattr(guides, {**names, "sylvester": "AutoSylvester", "nsf": "AutoNSF"}[name])
     return cls(model) if flows is None else cls(model, num_flows=flows)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-GUIDES = ("normal", "planar", "radial", "iaf", "cnf")
+GUIDES = ("normal", "planar", "radial", "iaf", "realnvp", "sylvester", "nsf", "cnf")
 
 
 def _positive_int(text: str) -> int:
@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--guide", choices=GUIDES, default="iaf", help="guide family (default: iaf)")
     fit.add_argument("--steps", type=_positive_int, default=2000, help="maximum SVI steps (default: 2000)")
     fit.add_argument("--data", help=".csv (columns), .json (object) or .npz (arrays): keyword arguments of the model")
-    fit.add_argument("--flows", type=_positive_int, help="number of flow layers (planar/radial: 16, iaf: 2)")
+    fit.add_argument("--flows", type=_positive_int, help="flow layers (planar/radial: 16, iaf: 2, others: 4)")
     fit.add_argument("--lr", type=_positive_float, default=1e-2, help="Adam learning rate (default: 0.01)")
     fit.add_argument("--particles", type=_positive_int, default=1, help="ELBO particles per step (default: 1)")
     fit.add_argument(
