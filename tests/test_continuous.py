@@ -182,6 +182,23 @@ def test_works_without_grad(d, gradient):
             torch.testing.assert_close(ladj_inv, ladj.detach(), atol=GLOBAL, rtol=0)
 
 
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+@pytest.mark.parametrize("d", [3, 5])
+def test_inference_mode_gives_the_no_grad_result(d, trace):
+    """Under torch.inference_mode autograd cannot run; the trace goes through torch.func, same values."""
+    t = _make(d, seed=11)
+    t.trace = trace
+    x = torch.randn(3, d, dtype=torch.float64)
+    torch.manual_seed(5)  # the same Hutchinson probe in both solves
+    with torch.no_grad():
+        y, ladj = t.call_and_ladj(x)
+    torch.manual_seed(5)
+    with torch.inference_mode():
+        y_inf, ladj_inf = t.call_and_ladj(x)
+    torch.testing.assert_close(y_inf, y, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ladj_inf, ladj, atol=1e-12, rtol=0)
+
+
 def test_starts_as_identity():
     t = ContinuousFlow(4, context_dim=2).condition(torch.randn(2))
     x = torch.randn(3, 4)

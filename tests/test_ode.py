@@ -56,3 +56,34 @@ def test_errors():
         dopri5(lambda t, y: y * float("nan"), torch.ones(2), 0.0, 1.0)
     with pytest.raises(RuntimeError, match="max_steps"):
         dopri5(_decay(torch.tensor(50.0)), torch.ones(2), 0.0, 1.0, rtol=1e-9, atol=1e-9, max_steps=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_overflowing_trial_step_is_rejected_not_fatal(dtype):
+    """dy/dt = −y³, y(0) = 1 on [0, 10]: the first trial step (the whole span) overflows; y = (1 + 2t)^−½."""
+    y = dopri5(lambda t, y: -(y**3), torch.ones(1, dtype=dtype), 0.0, 10.0, rtol=1e-7, atol=1e-9)
+    assert abs(y.item() - 21**-0.5) < 1e-5
+
+
+def test_checkpoint_refuses_second_derivatives_and_counts_a_repeated_param_once():
+    k = torch.tensor([0.7], dtype=torch.float64, requires_grad=True)
+    y = dopri5(_decay(k), torch.ones(1, dtype=torch.float64), 0.0, 1.0, (k,), rtol=1e-8, atol=1e-8)
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(y.sum(), k, create_graph=True)
+    twice = dopri5(_decay(k), torch.ones(1, dtype=torch.float64), 0.0, 1.0, (k, k), rtol=1e-8, atol=1e-8)
+    (g,) = torch.autograd.grad(twice.sum(), k)
+    torch.testing.assert_close(g, -torch.exp(-k.detach()), rtol=1e-6, atol=0)  # d/dk e^{−k} = −e^{−k}
+
+
+def test_checkpoint_detects_an_input_changed_in_place():
+    k = torch.tensor([0.7], requires_grad=True)
+    y0 = torch.ones(1)
+    y = dopri5(_decay(k), y0, 0.0, 1.0, (k,))
+    y0.mul_(2)  # the saved start state of the first step
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_empty_state():
+    y = dopri5(_decay(torch.tensor(1.0)), torch.ones(0, 3), 0.0, 1.0)
+    assert y.shape == (0, 3)

@@ -301,7 +301,8 @@ class AutoFlow(AutoContinuous):
 
     def get_transform(self, *args, **kwargs) -> ComposeFlow:
         """The whole map ``ε ↦ z`` (for ``NeuTraReparam`` and friends)."""
-        return ComposeFlow([Affine(self.loc, **self._affine_args()), *self.flow.parts], dim=self.latent_dim)
+        base = Affine(self.loc, **self._affine_args(), dim=self.latent_dim)
+        return ComposeFlow([base, *self.flow.parts], dim=self.latent_dim)
 
     def get_posterior(self, *args, **kwargs) -> FlowDistribution:
         """``q(z)`` over the unconstrained latent vector; ``log_prob`` works at any point."""

@@ -11,18 +11,21 @@ torchdiffeq reports accepted steps (``callback_accept_step``) but re-running one
 step's 7 evaluations of a d=10 linear field), and its step loop costs about 1 ms per step on its own
 (0.9 ms measured): more than the evaluations of a small CNF. Hence this small solver.
 
+The step-size rule is torchdiffeq's; the error estimate uses Dormand and Prince's own embedded 4th-order
+weights (torchdiffeq's are Shampine's), which took about 15 % more evaluations on a linear test problem
+for a slightly smaller error.
+
 Reference: Zhuang et al., "Adaptive Checkpoint Adjoint Method for Gradient Estimation in Neural ODE",
-ICML 2020; Hairer, Nørsett & Wanner, "Solving Ordinary Differential Equations I", II.4-II.5 (the step-size
-control, as in torchdiffeq).
+ICML 2020; Hairer, Nørsett & Wanner, "Solving Ordinary Differential Equations I", II.4-II.5.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 __all__ = ["dopri5", "rms_norm"]
 
@@ -75,8 +78,9 @@ def step(f: Field, t: float, y: Tensor, k1: Tensor, dt: float) -> tuple[Tensor, 
 
 def _error_ratio(f: Field, t: float, y: Tensor, y1: Tensor, ks: list[Tensor], dt: float, rtol, atol, norm) -> tuple:
     k7 = f(t + dt, y1)
-    err = _combine(torch.zeros_like(y), dt, E, [*ks, k7])
-    return norm(err / (atol + rtol * torch.maximum(y.abs(), y1.abs()))).item(), k7
+    with torch.no_grad():  # step-size control only
+        err = _combine(torch.zeros_like(y), dt, E, [*ks, k7])
+        return norm(err / (atol + rtol * torch.maximum(y.abs(), y1.abs()))).item(), k7
 
 
 def _solve(f: Field, y: Tensor, t0: float, t1: float, rtol, atol, norm, first_step, max_steps, steps) -> Tensor:
@@ -95,13 +99,16 @@ def _solve(f: Field, y: Tensor, t0: float, t1: float, rtol, atol, norm, first_st
             dt = t1 - t
         y1, ks = step(f, t, y, k1, dt)
         ratio, k7 = _error_ratio(f, t, y, y1, ks, dt, rtol, atol, norm)
-        if ratio != ratio or ratio == float("inf"):
-            raise RuntimeError(f"dopri5: non-finite error estimate at t={t:.6g} (a non-finite state or field)")
+        if not math.isfinite(ratio):
+            if not (torch.isfinite(y).all() and torch.isfinite(k1).all()):
+                raise RuntimeError(f"dopri5: non-finite state or field at t={t:.6g}")
+            ratio = math.inf  # the trial step overflowed: reject it and shrink
         if ratio <= 1:
             if steps is not None:
                 steps.append((t, dt, y))
             t, y, k1 = t1 if last else t + dt, y1, k7
         factor = GROW if ratio == 0 else min(GROW, max(SAFETY * ratio**-0.2, 1.0 if ratio <= 1 else SHRINK))
+        # (inf ** -0.2 = 0, so an overflowed trial step shrinks by SHRINK)
         dt = dt * factor
         if t + dt == t:
             raise RuntimeError(f"dopri5: step size underflow at t={t:.6g}")
@@ -113,17 +120,23 @@ class _Checkpointed(torch.autograd.Function):
     def forward(ctx, f, t0, t1, rtol, atol, norm, first_step, max_steps, y, *params):
         steps = []
         out = _solve(f, y, t0, t1, rtol, atol, norm, first_step, max_steps, steps)
-        ctx.f, ctx.steps = f, steps
-        ctx.save_for_backward(*params)
+        ctx.f, ctx.times, ctx.num_params = f, [(t, dt) for t, dt, _ in steps], len(params)
+        # saved, not kept on ctx: autograd checks them for in-place changes and frees them after backward
+        ctx.save_for_backward(*params, *(state for _, _, state in steps))
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
-        params = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the re-run steps would not carry a second derivative
+            raise RuntimeError(
+                "gradient='checkpoint' gives first-order gradients only; use gradient='backprop' for "
+                "higher-order derivatives (create_graph=True, hessians)"
+            )
+        saved = ctx.saved_tensors
+        params, states = saved[: ctx.num_params], saved[ctx.num_params :]
         wanted = [p for p, need in zip(params, ctx.needs_input_grad[9:]) if need]
         totals = [None] * len(wanted)
-        for t, dt, y in reversed(ctx.steps):
+        for (t, dt), y in zip(reversed(ctx.times), reversed(states)):
             with torch.enable_grad():
                 y = y.detach().requires_grad_()
                 y1, _ = step(ctx.f, t, y, ctx.f(t, y), dt)
@@ -155,6 +168,9 @@ def dopri5(
     autograd records the solve as it runs (plain backprop; same steps, same values).
     """
     t0, t1 = float(t0), float(t1)
+    if not y.numel():
+        return y.clone()
+    params = tuple({id(p): p for p in params}.values())  # a tensor listed twice would get its gradient twice
     recording = torch.is_grad_enabled() and (y.requires_grad or any(p.requires_grad for p in params))
     if checkpoint and recording:
         return _Checkpointed.apply(f, t0, t1, rtol, atol, norm, first_step, max_steps, y, *params)

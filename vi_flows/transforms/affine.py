@@ -47,6 +47,8 @@ class Affine(FlowTransform):
     ):
         if (scale is None) == (scale_tril is None):
             raise ValueError("Affine needs exactly one of scale= and scale_tril=")
+        if dim is not None and not torch.jit.is_tracing() and dim != loc.shape[-1]:
+            raise ValueError(f"Affine: dim={dim} but loc has {loc.shape[-1]} entries")
         super().__init__(loc.shape[-1] if dim is None else dim)
         self.loc, self.scale, self.scale_tril = loc, scale, scale_tril
         self._log_det = affine_log_det(scale, scale_tril)
