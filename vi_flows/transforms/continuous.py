@@ -360,6 +360,11 @@ class ContinuousFlow(FlowTransform):
 
     def integrate(self, x: Tensor, context: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor]:
         """``(z(t₁), ∫₀^{t₁} tr ∂f/∂z dt)`` from ``z(0) = x``; with ``reverse``, ``(z(0), same)`` from ``z(t₁) = x``."""
+        if torch.jit.is_tracing():
+            raise RuntimeError(
+                "ContinuousFlow cannot be traced by torch.jit (JitTrace_ELBO): an adaptive solver takes as many "
+                "steps as the data need, and a trace would freeze one run's; use Trace_ELBO"
+            )
         shape = x.shape
         if not x.numel():  # the solver's step-size control divides by the state's norm
             return x.clone(), x.new_zeros(shape[:-1])
