@@ -23,7 +23,7 @@ from pyro.infer.autoguide import AutoNormal
 
 from .diagnostics import diagnose
 from .energies import LOG_Z, energy_model, log_density
-from .guides import AutoCNF, AutoIAF, AutoPlanar
+from .guides import AutoCNF, AutoIAF, AutoNSF, AutoPlanar
 from .training import fit
 
 __all__ = ["eight_schools", "run_demo"]
@@ -49,6 +49,7 @@ def _guides(quick: bool, init_scale: float) -> dict[str, tuple[Callable, int]]:
         "AutoNormal": (lambda m: AutoNormal(m, init_scale=s), int(2000 * scale)),
         "AutoPlanar(32)": (lambda m: AutoPlanar(m, num_flows=32, init_scale=s), int(2000 * scale)),
         "AutoIAF(2)": (lambda m: AutoIAF(m, num_flows=2, hidden_dims=(32, 32), init_scale=s), int(2000 * scale)),
+        "AutoNSF(4)": (lambda m: AutoNSF(m, num_flows=4, hidden_dims=(32, 32), init_scale=s), int(2000 * scale)),
         "AutoCNF": (
             lambda m: AutoCNF(m, hidden_dims=(32, 32), rtol=1e-4, atol=1e-4, init_scale=s),
             int(600 * scale),
@@ -112,7 +113,7 @@ def _plot(fitted: dict, energy: str, path: Path) -> None:
 
 
 def run_demo(quick: bool = False, seed: int = 0, out: str | Path = ".", progress: bool = True) -> pd.DataFrame:
-    """Fit the four guides to U3 and eight schools; print the table; save ``demo_densities.png``."""
+    """Fit the five guides to U3 and eight schools; print the table; save ``demo_densities.png``."""
     torch.set_num_threads(1)  # tiny models: threads only add overhead
     energy = "U3"
     # The energy's mass spans several units: a base as wide as that (init_scale=1) trains faster than 0.1.
