@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from vi_flows.transforms import AffineCoupling, ComposeFlow, InvertibleLinear, coupling_stack
+from vi_flows.transforms import (
+    AffineCoupling,
+    ComposeFlow,
+    InverseAutoregressive,
+    InvertibleLinear,
+    SplineCoupling,
+    coupling_stack,
+)
 
 from .flow_checks import (
     BATCH_SHAPES,
@@ -168,3 +175,25 @@ def test_compose_with_other_families():
     x = torch.randn(4, 3, dtype=torch.float64)
     check_ladj(flow, x)
     check_round_trip(flow, x, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda act: AffineCoupling(4, (8,), activation=act),
+        lambda act: SplineCoupling(4, (8,), activation=act),
+        lambda act: InverseAutoregressive(4, (8,), activation=act),
+    ],
+    ids=["coupling", "spline", "iaf"],
+)
+def test_activation_by_name_or_class(make):
+    """A name from ACTIVATIONS and the nn.Module class build the same network; anything else is a ValueError."""
+    torch.manual_seed(0)
+    by_name = make("tanh")
+    torch.manual_seed(0)
+    by_class = make(torch.nn.Tanh)
+    assert any(isinstance(m, torch.nn.Tanh) for m in by_name.modules())
+    for p, q in zip(by_name.parameters(), by_class.parameters(), strict=True):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="activation must be one of .*'tanh'.*got 'tanhh'"):
+        make("tanhh")

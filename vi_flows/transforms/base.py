@@ -9,11 +9,11 @@ log-density cost one sweep through the stack.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from pyro.distributions.torch_transform import TransformModule
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
 __all__ = [
@@ -40,6 +40,21 @@ def check_hidden_dims(hidden_dims: Iterable[int], name: str = "hidden_dims") -> 
     if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
         raise ValueError(f"{name} must be a non-empty sequence of positive ints, e.g. (64, 64); got {hidden_dims!r}")
     return hidden
+
+
+ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "silu": nn.SiLU, "gelu": nn.GELU,
+               "softplus": nn.Softplus, "leaky_relu": nn.LeakyReLU}
+
+
+def activation_factory(activation: str | Callable[[], nn.Module], name: str = "activation") -> Callable[[], nn.Module]:
+    """A module factory from a name in :data:`ACTIVATIONS` (``"relu"``, ``"tanh"``, …) or a class (``nn.ReLU``)."""
+    if isinstance(activation, str):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"{name} must be one of {sorted(ACTIVATIONS)} or an nn.Module class, got {activation!r}")
+        return ACTIVATIONS[activation]
+    if not callable(activation):
+        raise ValueError(f"{name} must be one of {sorted(ACTIVATIONS)} or an nn.Module class, got {activation!r}")
+    return activation
 
 
 class FlowTransform(TransformModule):

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import ComposeFlow, ConditionalFlowTransform, FlowTransform, check_dim, check_hidden_dims
+from .base import ComposeFlow, ConditionalFlowTransform, FlowTransform, activation_factory, check_dim, check_hidden_dims
 
 __all__ = ["AffineCoupling", "coupling_stack", "mlp", "soft_bound"]
 
@@ -41,8 +41,9 @@ class _Constant(nn.Module):
         return self.out.expand(*h.shape[:-1], -1)
 
 
-def mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int, activation: Callable[[], nn.Module]) -> nn.Module:
+def mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int, activation: str | Callable[[], nn.Module]) -> nn.Module:
     """``Linear → act → … → Linear``, the last layer zero-initialized (outputs start at 0)."""
+    activation = activation_factory(activation)
     if in_dim == 0:
         return _Constant(out_dim)
     dims = [in_dim, *hidden_dims]

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from pyro.nn.auto_reg_nn import create_mask
 from torch import Tensor, nn
 
+from .base import activation_factory
+
 __all__ = ["MADE", "PACK_LIMIT"]
 
 #: Most numbers packed into one parameter tensor (1 MiB of float32).
@@ -62,7 +64,7 @@ class MADE(nn.Module):
             self.register_buffer(name, mask)
         self.groups = _pack([n for o, i in self.shapes for n in (o * i, o)], PACK_LIMIT)
         self.weights = nn.ParameterList(nn.Parameter(torch.empty(sum(g))) for g in self.groups)
-        self.activation = activation()
+        self.activation = activation_factory(activation)()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
