@@ -208,8 +208,15 @@ def _make_guide(name: str, model, flows: int | None):
         return AutoNormal(model)
     if name == "cnf":
         return guides.AutoCNF(model)
-    names = {"planar": "AutoPlanar", "radial": "AutoRadial", "iaf": "AutoIAF", "realnvp": "AutoRealNVP"}
-    cls = getattr(guides, {**names, "sylvester": "AutoSylvester", "nsf": "AutoNSF"}[name])
+    families = {
+        "planar": guides.AutoPlanar,
+        "radial": guides.AutoRadial,
+        "iaf": guides.AutoIAF,
+        "realnvp": guides.AutoRealNVP,
+        "sylvester": guides.AutoSylvester,
+        "nsf": guides.AutoNSF,
+    }
+    cls = families[name]
     return cls(model) if flows is None else cls(model, num_flows=flows)
 
 

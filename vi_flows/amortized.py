@@ -269,7 +269,7 @@ class AmortizedFlow(nn.Module):
         hidden_dims: MADE widths (IAF, default ``(3d + 1,)``), coupling-net widths (coupling and spline,
             default ``(3d + 1,)``) or ODE-net widths (CNF, default ``(64, 64)``); the other families take none.
         **flow_options: passed to :class:`~vi_flows.transforms.ContinuousFlow` (``trace``, ``rtol``,
-            ``atol``, ``solver``, ``adjoint``, ...), :class:`~vi_flows.transforms.InverseAutoregressive`
+            ``atol``, ``solver``, ``gradient``, ...), :class:`~vi_flows.transforms.InverseAutoregressive`
             (``sigmoid_bias``, ``activation``), :func:`~vi_flows.transforms.coupling_stack` (``linear``,
             ``linear_init``, ``activation``, ``log_scale_bound``), :func:`~vi_flows.transforms.spline_stack`
             (``bins``, ``bound``, ``interleave``, ``activation``) or :class:`ConditionalSylvester`

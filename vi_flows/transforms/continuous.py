@@ -16,11 +16,12 @@ from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
 from ._ode import dopri5, rms_norm
-from .base import Conditioned, FlowTransform, check_hidden_dims
+from .base import ACTIVATIONS, Conditioned, FlowTransform, check_hidden_dims
 
 __all__ = ["ConcatSquash", "ConditionedFlow", "ContinuousFlow", "ODENet"]
 
-ACTIVATIONS = {"tanh": nn.Tanh, "softplus": nn.Softplus, "silu": nn.SiLU}
+# the field must be smooth for the adaptive solver and the trace: a subset of the shared names
+SMOOTH_ACTIVATIONS = {name: ACTIVATIONS[name] for name in ("tanh", "softplus", "silu")}
 TRACES = ("auto", "exact", "hutchinson")
 NOISES = ("rademacher", "gaussian")
 GRADIENTS = ("checkpoint", "backprop", "adjoint")
@@ -71,7 +72,7 @@ class ODENet(nn.Module):
         super().__init__()
         widths = (dim, *hidden_dims, dim)
         self.layers = nn.ModuleList(ConcatSquash(a, b, 1 + context_dim) for a, b in zip(widths[:-1], widths[1:]))
-        self.activation = ACTIVATIONS[activation]()
+        self.activation = SMOOTH_ACTIVATIONS[activation]()
         last = self.layers[-1]
         for p in (last.linear.weight, last.linear.bias, last.shift.weight):
             nn.init.zeros_(p)
@@ -286,7 +287,7 @@ class ContinuousFlow(FlowTransform):
         self.t1 = _positive(t1, "t1")
         self.gradient = gradient  # after solver and options: it checks them
         self.trace_weight = _positive(trace_weight, "trace_weight")
-        self.net = ODENet(dim, hidden, context_dim, _choice(activation, ACTIVATIONS, "activation"))
+        self.net = ODENet(dim, hidden, context_dim, _choice(activation, SMOOTH_ACTIVATIONS, "activation"))
         self.nfe = 0
 
     @property
