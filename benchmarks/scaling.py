@@ -10,7 +10,7 @@ processes see twice the examples per step):
   ``pyro.plate(subsample_size=B)``, AutoNormal guide.
 * ``vae``: a small VAE (64-pixel binary data, 8-d latent) whose amortized
   Gaussian posterior is followed by a 4-layer planar flow, fed through
-  ``fit(data=DataLoader(..., sampler=DistributedSampler))``.
+  ``fit(batches=DataLoader(..., sampler=DistributedSampler))``.
 
 One process runs plain ``fit`` (no process group); two run under
 ``python -m torch.distributed.run --standalone --nproc_per_node 2`` (gloo on
@@ -88,7 +88,7 @@ def vae_problem(batch: int):
     distributed = torch.distributed.is_initialized()
     sampler = DistributedSampler(data, seed=0) if distributed else torch.utils.data.RandomSampler(data)
     vae = FlowVAE()
-    return vae.model, vae.guide, (), {"data": DataLoader(data, batch_size=batch, sampler=sampler, drop_last=True)}
+    return vae.model, vae.guide, (), {"batches": DataLoader(data, batch_size=batch, sampler=sampler, drop_last=True)}
 
 
 PROBLEMS = {"logreg": (logreg_problem, (1000, 50000)), "vae": (vae_problem, (256, 4096))}  # per-rank batches

@@ -117,28 +117,35 @@ class VAE(nn.Module):
         return self.prior(z.shape[:-1]).log_prob(z) + self.likelihood(z).log_prob(x) - log_q
 
 
-def evaluate(vae: VAE, x: Tensor, iw_samples: int, chunk: int = 20000) -> dict[str, float]:
+def evaluate(
+    vae: VAE, x: Tensor, iw_samples: int, chunk: int = 20000, seconds: float | None = None
+) -> dict[str, float]:
     """Mean negative ELBO and IS estimate of ``−log p(x)`` over the rows of ``x``, in nats.
 
     Images go through in groups of about ``chunk / K`` and their ``K`` draws in pieces of at most
-    ``chunk`` rows, so memory stays bounded for any ``K``.
+    ``chunk`` rows, so memory stays bounded for any ``K``. ``seconds``: stop after the group during
+    which that much time has passed, so the estimates cover the first ``images`` rows only.
     """
     cnfs = [m for m in vae.modules() if isinstance(m, ContinuousFlow)]
     traces = [m.trace for m in cnfs]
     for m in cnfs:
         m.trace = "exact"
     neg_elbo, nll = [], []
+    t0 = time.perf_counter()
     try:
         with torch.no_grad():
             for xb in x.split(max(1, chunk // iw_samples)):
                 neg_elbo.append(-vae.log_weights(xb, 1)[0])
                 per = max(1, chunk // len(xb))
                 log_w = torch.cat([vae.log_weights(xb, min(per, iw_samples - k)) for k in range(0, iw_samples, per)])
-                nll.append(math.log(iw_samples) - torch.logsumexp(log_w, 0))
+                nll.append((math.log(iw_samples) - torch.logsumexp(log_w, 0)).cpu())  # .cpu(): the clock is true
+                if seconds is not None and time.perf_counter() - t0 >= seconds:
+                    break
     finally:
         for m, t in zip(cnfs, traces):
             m.trace = t
-    return {"neg_elbo": torch.cat(neg_elbo).mean().item(), "nll": torch.cat(nll).mean().item()}
+    nll = torch.cat(nll)
+    return {"neg_elbo": torch.cat(neg_elbo).mean().item(), "nll": nll.mean().item(), "images": len(nll)}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -155,6 +162,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-size", type=int, default=None, help="use the first N training images")
     p.add_argument("--test-size", type=int, default=None, help="evaluate the first N test images")
     p.add_argument("--iw-samples", type=int, default=5000, help="K, samples per image for -log p(x)")
+    p.add_argument("--train-seconds", type=float, default=None,
+                   help="wall-clock training budget, counted from the end of the first step: stop at the first step "
+                        "past it (--epochs is then a maximum)")
+    p.add_argument("--eval-seconds", type=float, default=None,
+                   help="evaluation budget: stop after the group of test images that passes it (fewer images)")
+    p.add_argument("--eval-chunk", type=int, default=20000, help="rows of z per evaluation pass (memory bound)")
     p.add_argument("--cnf-tol", type=float, default=1e-3, help="rtol = atol of the CNF's ODE solver")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -167,9 +180,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.epochs, args.batch_size, args.iw_samples = 1, 64, 100
         args.train_size = min(args.train_size or 256, 256)
         args.test_size = min(args.test_size or 64, 64)
-    for name in ("epochs", "batch_size", "iw_samples", "latent_dim", "hidden"):
+    for name in ("epochs", "batch_size", "iw_samples", "latent_dim", "hidden", "eval_chunk"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("train_seconds", "eval_seconds"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     return args
 
 
@@ -181,7 +197,7 @@ def _train_data_parallel(vae: VAE, train: Tensor, args: argparse.Namespace, log)
     sampler = DistributedSampler(indices, seed=args.seed, drop_last=True)
     loader = DataLoader(indices, batch_size=max(1, args.batch_size // world), sampler=sampler)
     result = fit(lambda idx: vae.model(train, idx.to(train.device)), lambda idx: vae.guide(train, idx.to(train.device)),
-                 data=loader, num_steps=args.epochs * len(loader), lr=args.lr, tol=None, seed=args.seed,
+                 batches=loader, num_steps=args.epochs * len(loader), lr=args.lr, tol=None, seed=args.seed,
                  progress=False)
     history = result.history
     epoch_of = (history["step"] - 1) // len(loader)
@@ -216,29 +232,44 @@ def main(argv: Sequence[str] | None = None, log=print) -> dict:
         log(f"{args.flow}: {shape}, latent {args.latent_dim}")
     if launched():
         total, seconds = _train_data_parallel(vae, train, args, log)
+        epochs_trained = float(len(seconds))
         if not is_main():
             return {}
     else:
         svi = SVI(vae.model, vae.guide, Adam({"lr": args.lr}), Trace_ELBO())
-        seconds = []
+        seconds, seen_total = [], 0
+        deadline = math.inf  # --train-seconds counts from the end of the first step (one-time initialization)
         for epoch in range(1, args.epochs + 1):
             t0 = time.perf_counter()
-            total = 0.0
+            total, seen = 0.0, 0
             for idx in torch.randperm(n, device=device).split(args.batch_size):
                 total += svi.step(train, idx) * len(idx) / n  # each step estimates the whole set's -ELBO
-            seconds.append(time.perf_counter() - t0)
-            log(f"epoch {epoch}: train -ELBO {total / n:.2f} nats/image, {seconds[-1]:.1f} s")
+                if args.train_seconds and not seen_total + seen:
+                    deadline = time.perf_counter() + args.train_seconds
+                seen += len(idx)
+                if time.perf_counter() >= deadline:
+                    break
+            seconds.append((time.perf_counter() - t0) * n / seen)  # a cut epoch: scaled to a whole one
+            seen_total += seen
+            total *= n / seen  # the mean over the images of this epoch seen so far
+            cut = "" if seen == n else f" ({seen} of {n} images: the --train-seconds budget is spent)"
+            log(f"epoch {epoch}: train -ELBO {total / n:.2f} nats/image, {seconds[-1]:.1f} s{cut}")
+            if seen < n or time.perf_counter() >= deadline:
+                break
+        epochs_trained = seen_total / n
     t0 = time.perf_counter()
-    result = evaluate(vae, test, args.iw_samples)
+    result = evaluate(vae, test, args.iw_samples, args.eval_chunk, args.eval_seconds)
     eval_seconds = time.perf_counter() - t0
+    part = "" if result["images"] == test.shape[0] else f" on the first {result['images']} test images"
     log(
-        f"test -ELBO {result['neg_elbo']:.2f}, -log p(x) {result['nll']:.2f} nats (K={args.iw_samples}), "
+        f"test -ELBO {result['neg_elbo']:.2f}, -log p(x) {result['nll']:.2f} nats (K={args.iw_samples}){part}, "
         f"{eval_seconds:.1f} s"
     )
     return {
         **vars(args),
         "train_size": n,
-        "test_size": test.shape[0],
+        "test_size": result["images"],
+        "epochs_trained": epochs_trained,
         "train_neg_elbo": total / n,
         "test_neg_elbo": result["neg_elbo"],
         "test_nll": result["nll"],

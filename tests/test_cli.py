@@ -30,6 +30,13 @@ MODELS = textwrap.dedent(
             pyro.sample("y", dist.Normal(a + b * x, s), obs=y)
 
 
+    def fixed_scale(x, y):
+        a = pyro.sample("a", dist.Normal(0.0, 5.0))
+        b = pyro.sample("b", dist.Normal(0.0, 5.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("y", dist.Normal(a + b * x, 1.0), obs=y)
+
+
     def no_latent(y):
         pyro.sample("y", dist.Normal(0.0, 1.0), obs=y)
 
@@ -84,10 +91,12 @@ def fitted(files, tmp_path_factory):
 
 
 def test_fit_writes_the_run_folder(fitted):
-    assert sorted(p.name for p in fitted.iterdir()) == sorted(
-        ["diagnostics.json", "elbo.csv", "elbo.png", "guide.pt", "posterior.nc", "summary.csv"]
-    )
     record = json.loads((fitted / "diagnostics.json").read_text())
+    psis = ["posterior_psis.nc"] if record["reading"] in ("good", "ok") else []  # written only where k-hat allows
+    assert sorted(p.name for p in fitted.iterdir()) == sorted(
+        ["diagnostics.json", "elbo.csv", "elbo.png", "guide.pt", "posterior.nc", "run.json", "summary.csv", *psis]
+    )
+    assert record["draws"] == {"posterior.nc": "guide", **dict.fromkeys(psis, "psis-resampled")}
     assert record["run"]["guide"] == "planar" and record["run"]["steps"] == 30
     assert math.isfinite(record["elbo"]) and record["iwae"] >= record["elbo"]  # IWAE ≥ ELBO on the same draws
     history = pd.read_csv(fitted / "elbo.csv")
@@ -147,6 +156,7 @@ def _bad_files(root):
     (root / "data.txt").write_text("x\n1\n")
     (root / "binary.csv").write_bytes(b"x,y\n1.0,2.0\n\xff\xfe,3\n")
     (root / "nul.csv").write_bytes(b"x,y\n1.0,2.0\n3.0,\x00\n")
+    (root / "syntax_error.py").write_text("import pyro\ndef model(:\n    pass\n")
 
 
 CASES = [
@@ -178,6 +188,8 @@ CASES = [
     ("discrete latent", ["{r}/models.py:discrete", "--data", "{r}/y.json"], 1, ["'k' is discrete", "Bernoulli"]),
     ("model raises", ["{r}/models.py:broken", "--data", "{r}/y.json"], 1, ["RuntimeError: shapes do not match"]),
     ("nan guard", ["{r}/models.py:nan_density", "--guide", "normal"], 1, ["non-finite loss", "step 1"]),
+    ("lr too large", ["{r}/models.py:fixed_scale", "--data", "{r}/data.csv", "--guide", "planar", "--flows", "2",
+                      "--lr", "1000"], 1, ["non-finite", "try lowering lr by 10x (lr=100)"]),
 ]
 
 
@@ -193,6 +205,13 @@ def test_bad_input_is_one_clear_line(files, tmp_path, capsys, argv, code, words)
         assert word in message, message
     if code == 1:
         assert len(err.strip().splitlines()) == 1  # exactly one line, no torch internals
+
+
+def test_a_syntax_error_in_the_model_file_names_its_line_once(files, tmp_path, capsys):
+    _bad_files(files)
+    code, _, err = run(["fit", f"{files}/syntax_error.py:model", "--out", tmp_path / "run", *FAST], capsys)
+    assert code == 2
+    assert "SyntaxError: invalid syntax (syntax_error.py, line 2)" in err and err.count("line 2") == 1, err
 
 
 def test_traceback_flag_shows_the_cause(files, tmp_path, capsys):
@@ -255,7 +274,7 @@ def test_fit_with_two_processes(files, tmp_path):
     [
         ("planar", "AutoPlanar", "PlanarStack"),
         ("radial", "AutoRadial", "RadialStack"),
-        ("iaf", "AutoIAF", "InverseAutoregressive"),
+        ("iaf", "AutoIAF", "AffineInverseAutoregressive"),
         ("realnvp", "AutoRealNVP", "AffineCoupling"),
         ("sylvester", "AutoSylvester", "Sylvester"),
         ("nsf", "AutoNSF", "SplineCoupling"),
@@ -276,3 +295,119 @@ def test_every_flow_guide_name_builds_that_guide_with_its_flows(name, guide_cls,
     guide()
     layers = [m for m in guide.flow.modules() if type(m).__name__ == layer_cls]
     assert sum(getattr(m, "num_flows", 1) for m in layers) == 3
+
+
+# ---- the run folder keeps the history when the report fails ----------------------------------------------------------
+
+
+def test_a_failing_report_keeps_the_history_and_diagnose_reads_the_folder(files, tmp_path, capsys, monkeypatch):
+    import vi_flows.diagnostics
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no draws today")
+
+    monkeypatch.setattr(vi_flows.diagnostics, "diagnose", broken)
+    argv = ["fit", f"{files}/models.py:regression", "--data", f"{files}/data.csv", "--guide", "normal",
+            "--out", tmp_path, *FAST]  # fmt: skip
+    code, _, err = run(argv, capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "report failed: RuntimeError: no draws today" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elbo.csv", "elbo.png", "guide.pt", "run.json"]
+    assert list(pd.read_csv(tmp_path / "elbo.csv")["step"]) == list(range(1, 31))
+
+    code, out, err = run(["diagnose", tmp_path], capsys)
+    assert code == 0, err
+    assert "Report files missing: posterior.nc, summary.csv, diagnostics.json" in out and "step 30" in out
+
+    monkeypatch.undo()  # --resume with the same --steps trains nothing and writes the report
+    code, _, err = run([*argv, "--resume"], capsys)
+    assert code == 0 and "nothing was trained" in err
+    assert all((tmp_path / name).exists() for name in ("posterior.nc", "summary.csv", "diagnostics.json"))
+
+
+# ---- pipes, help, README -------------------------------------------------------------------------------------------
+
+
+def test_a_closed_stdout_ends_quietly_with_sigpipes_code(fitted, capsys, monkeypatch):
+    import io
+    import sys
+
+    class ClosedPipe(io.TextIOBase):  # what `vi-flows diagnose run | head -1` writes into once head has exited
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["diagnose", str(fitted)]) == 141  # 128 + SIGPIPE, as a Unix tool killed by it
+    assert capsys.readouterr().err == ""
+
+
+def test_a_real_closed_pipe_ends_quietly(tmp_path):
+    """``vi-flows diagnose RUN | head`` in a subprocess, on a folder whose report is missing (no ArviZ to import)."""
+    import subprocess
+    import sys
+
+    torch.save({"format": "vi_flows.fit/1", "step": 3, "params": {}}, tmp_path / "guide.pt")
+    (tmp_path / "elbo.csv").write_text("step,elbo\n1,-3.0\n2,-2.0\n3,-1.0\n")
+    proc = subprocess.Popen([sys.executable, "-m", "vi_flows", "diagnose", str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    proc.stdout.close()  # before the interpreter has even started: its every write meets a closed pipe
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 141 and err == b"", err.decode()
+
+
+def test_the_readme_lists_the_guides_that_help_lists(capsys):
+    import re
+    from pathlib import Path
+
+    from vi_flows.cli import GUIDES
+
+    code, out, _ = run(["fit", "--help"], capsys)
+    assert code == 0
+    listed = re.search(r"--guide \{([a-z,]+)\}", out).group(1).split(",")
+    assert listed == list(GUIDES)
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
+    assert [name for name in listed if f"`{name}`" not in section] == []
+
+
+# ---- Ctrl-C under --nproc 2 ------------------------------------------------------------------------------------------
+
+INTERRUPTING = textwrap.dedent(
+    """
+    import os
+    import signal
+
+    import pyro
+    import pyro.distributions as dist
+
+    CALLS = [0]
+
+
+    def model(x, y):  # rank 0 presses Ctrl-C, i.e. signals the launcher, a few steps into the fit
+        CALLS[0] += 1
+        if os.environ.get("RANK") == "0" and CALLS[0] == 30:
+            os.kill(os.getppid(), signal.SIGINT)
+        a = pyro.sample("a", dist.Normal(0.0, 5.0))
+        b = pyro.sample("b", dist.Normal(0.0, 5.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("y", dist.Normal(a + b * x, 1.0), obs=y)
+    """
+)
+
+
+def test_ctrl_c_under_two_processes_is_one_line_and_130(files, tmp_path):
+    """The launcher forwards the SIGINT; the ranks finish the step they agree on, save it and exit 130."""
+    import subprocess
+    import sys
+
+    (tmp_path / "interrupting.py").write_text(INTERRUPTING)
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "vi_flows", "fit", f"{tmp_path}/interrupting.py:model", "--data",
+            f"{files}/data.csv", "--guide", "normal", "--steps", "3000", "--nproc", "2", "--out", str(out),
+            "--quiet"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130, done.stderr[-3000:]
+    lines = [line for line in done.stderr.strip().splitlines() if not line.startswith("vi-flows fit: warning:")]
+    assert lines == [f"vi-flows fit: interrupted; the last checkpoint is {out / 'guide.pt'}, continue with --resume"]
+    state = torch.load(out / "guide.pt", weights_only=True)
+    assert 0 < state["step"] < 3000 and len(state["rng_ranks"]) == 2

@@ -6,9 +6,11 @@ still running after ``TIMEOUT`` fails the test instead of hanging it.
 """
 
 import os
+import signal
 import socket
 import time
 import traceback
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -19,10 +21,10 @@ import torch.multiprocessing as mp
 from pyro.infer.autoguide import AutoDelta, AutoNormal, init_to_value
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from vi_flows.distributed import RankError, is_main
+from vi_flows.distributed import RankError, SlowSyncWarning, SyncTiming, is_main, sync_verdict
 from vi_flows.training import fit
 
-TIMEOUT = 60.0  # seconds for a whole two-process run; each run here takes ~5 s, most of it importing torch and Pyro
+TIMEOUT = 120.0  # seconds for the whole two-process session: a guard against a hang, with room for a busy machine
 N, D = 2000, 3
 
 
@@ -96,7 +98,7 @@ def indexed_logistic(idx, X, y):
 
 def one_sgd_step(batches, distributed):
     guide = AutoDelta(indexed_logistic, init_loc_fn=init_to_value(values={"w": torch.tensor([0.2, 0.1, -0.3])}))
-    result = fit(indexed_logistic, guide, data=batches, num_steps=1, optim=pyro.optim.SGD({"lr": 1e-4}), tol=None,
+    result = fit(indexed_logistic, guide, batches=batches, num_steps=1, optim=pyro.optim.SGD({"lr": 1e-4}), tol=None,
                  progress=False, distributed=distributed)  # fmt: skip
     return params(), result.history["elbo"].item()
 
@@ -175,7 +177,7 @@ def _resume_worker(rank, out):
         pyro.clear_param_store()
         sampler = DistributedSampler(dataset, shuffle=True, seed=5)  # 100 rows a rank, 4 batches of 25 an epoch
         loader = DataLoader(dataset, batch_size=25, sampler=sampler)
-        result = fit(sub200, AutoNormal(sub200), data=loader, seed=2, lr=0.05, tol=None, progress=False, **kw)
+        result = fit(sub200, AutoNormal(sub200), batches=loader, seed=2, lr=0.05, tol=None, progress=False, **kw)
         return params(), result.history.drop(columns="elapsed")
 
     full, full_history = run(num_steps=20)
@@ -199,6 +201,106 @@ def test_resume_reproduces_the_uninterrupted_distributed_run(session):
     state = torch.load(session["dir"] / "ckpt.pt", weights_only=True)
     assert state["step"] == 10 and len(state["rng_ranks"]) == 2
     assert not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])  # seed + rank
+
+
+# ---- Ctrl-C on one rank, then resume ---------------------------------------------------------------------------------
+
+
+def _interrupt_worker(rank, out):
+    """Uninterrupted: 20 steps. Interrupted: rank 1 gets a SIGINT at step 7 (Ctrl-C); then resumed to step 20."""
+    ckpt = os.path.join(out, "interrupted.pt")
+    X, y = problem()
+    seen = []
+
+    def run(**kw):
+        pyro.clear_param_store()
+        result = fit(subsampled_logistic, AutoNormal(subsampled_logistic), X, y, 20, num_steps=20, seed=3, lr=0.05,
+                     tol=None, progress=False, **kw)  # fmt: skip
+        return params(), result.history.drop(columns="elapsed")
+
+    def ctrl_c(step, elbo, guide):
+        seen.append(step)
+        if rank == 1 and step == 7:
+            os.kill(os.getpid(), signal.SIGINT)  # fit defers it to the end of a step every rank agrees on
+
+    full, full_history = run()
+    try:
+        run(checkpoint=ckpt, callbacks=[ctrl_c])
+        stopped = None
+    except KeyboardInterrupt:
+        stopped = seen[-1]
+    pyro.set_rng_seed(99 + rank)  # whatever the RNGs hold now, resume restores them
+    resumed, resumed_history = run(resume=ckpt)
+    return full, resumed, full_history.equals(resumed_history), stopped
+
+
+def test_ctrl_c_on_one_rank_then_resume_reproduces_the_uninterrupted_run(session):
+    """The ranks agree on the interrupt in the next step's all-reduce and all complete that step before stopping.
+
+    They used to discard it, after its draws: the checkpoint then held step 7 with the random streams of step 8,
+    and the resumed run diverged from its first step.
+    """
+    for full, resumed, same_history, stopped in values(session, "interrupt"):
+        assert stopped == 8  # the step in which the interrupt was agreed, completed on both ranks
+        assert same_history
+        for name in full:
+            assert torch.equal(full[name], resumed[name]), name
+    state = torch.load(session["dir"] / "interrupted.pt", weights_only=True)
+    assert state["step"] == 8 and len(state["rng_ranks"]) == 2
+
+
+# ---- is synchronization eating the steps? ---------------------------------------------------------------------------
+
+
+def _sync_worker(rank, out):
+    """30 steps of a one-latent model, where sleeping ranks take 20 ms to compute a step; the SlowSyncWarnings."""
+
+    def run(sleepers):
+        def model():
+            if rank in sleepers:
+                time.sleep(0.02)
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+        pyro.clear_param_store()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(model, AutoNormal(model), num_steps=30, tol=None, progress=False, seed=0)
+        return [str(w.message) for w in caught if issubclass(w.category, SlowSyncWarning)]
+
+    # Rank 1 slow: rank 0 computes in ~1 ms and waits ~20 ms in the all-reduce. Both slow: both compute, little wait.
+    return run({1}), run({0, 1})
+
+
+def test_rank_0_warns_once_when_synchronization_dominates_the_steps(session):
+    (waiting0, busy0), (waiting1, busy1) = values(session, "sync")
+    assert len(waiting0) == 1, waiting0
+    assert "sync takes" in waiting0[0] and "one process would be faster" in waiting0[0]
+    assert waiting1 == [] and busy1 == []  # only rank 0 warns
+    assert busy0 == []
+
+
+def test_sync_verdict_weighs_the_all_reduce_against_the_compute_it_shares():
+    assert sync_verdict(0.003, 0.004, 2) is not None  # 3 ms of sync beside 1 ms of compute
+    assert sync_verdict(0.0004, 0.010, 2) is None
+    assert sync_verdict(0.005, 0.010, 2) is not None  # half: one process computes both batches in 10 ms
+    assert sync_verdict(0.005, 0.010, 4) is None  # four ranks share more: one process would need 20 ms
+    assert "sync takes 3.00 ms of 4.00 ms per step" in sync_verdict(0.003, 0.004, 2)
+
+
+def test_sync_timing_looks_at_steps_5_to_25_and_warns_once():
+    timing = SyncTiming(main=True, world_size=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, 60):
+            timing.add(0.004 if step >= 5 else 0.0, 0.005)
+    assert len(caught) == 1 and issubclass(caught[0].category, SlowSyncWarning)
+    assert len(timing.syncs) == 21
+    quiet = SyncTiming(main=False, world_size=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(30):
+            quiet.add(0.004, 0.005)
+    assert caught == []
 
 
 # ---- failures ----------------------------------------------------------------------------------------------------
@@ -250,7 +352,8 @@ def _exit_worker(rank, out):
 
 
 SCENARIOS = {"split": _split_step_worker, "posterior": _posterior_worker, "resume": _resume_worker,
-             "raise": _raise_worker, "exit": _exit_worker}  # fmt: skip
+             "interrupt": _interrupt_worker, "sync": _sync_worker, "raise": _raise_worker,
+             "exit": _exit_worker}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +368,7 @@ def values(session, name) -> list:
     return [o["value"] for o in session[name]]
 
 
-# ---- one process: the data= path and the switches -----------------------------------------------------------------
+# ---- one process: the batches= path and the switches --------------------------------------------------------------
 
 
 class Epochs:
@@ -295,15 +398,15 @@ def test_data_batches_cycle_through_epochs():
             pyro.sample("obs", dist.Normal(mu, 1.0), obs=x)
 
     data = Epochs()
-    result = fit(model, AutoNormal(model), data=data, num_steps=7, tol=None, progress=False)
+    result = fit(model, AutoNormal(model), batches=data, num_steps=7, tol=None, progress=False)
     assert result.num_steps == 7
     assert seen[-7:] == [0, 1, 2, 0, 1, 2, 0]  # before these, the guide's prototype trace saw batch 0
     assert data.epochs == [0, 1, 2]
 
 
 def test_data_excludes_positional_arguments():
-    with pytest.raises(ValueError, match="data must be an iterable of batches.*1 positional"):
-        fit(subsampled_logistic, AutoNormal(subsampled_logistic), torch.zeros(3), data=[()], progress=False)
+    with pytest.raises(ValueError, match="batches must be an iterable of batches.*1 positional"):
+        fit(subsampled_logistic, AutoNormal(subsampled_logistic), torch.zeros(3), batches=[()], progress=False)
 
 
 def test_distributed_true_needs_a_launcher(monkeypatch):
@@ -311,9 +414,9 @@ def test_distributed_true_needs_a_launcher(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     assert is_main()
     with pytest.raises(ValueError, match="distributed=True needs .* missing RANK, WORLD_SIZE"):
-        fit(subsampled_logistic, AutoNormal(subsampled_logistic), data=[()], distributed=True, progress=False)
+        fit(subsampled_logistic, AutoNormal(subsampled_logistic), batches=[()], distributed=True, progress=False)
     with pytest.raises(ValueError, match="distributed must be True, False or None"):
-        fit(subsampled_logistic, AutoNormal(subsampled_logistic), data=[()], distributed="yes", progress=False)
+        fit(subsampled_logistic, AutoNormal(subsampled_logistic), batches=[()], distributed="yes", progress=False)
 
 
 # ---- pinning ranks to cores ------------------------------------------------------------------------------------------

@@ -124,9 +124,11 @@ def _enum_model(data):
 )
 def test_elbo_flavours(loss):
     y = torch.randn(10) + 2.0
-    guide = AutoPlanar(constrained_model, num_flows=3)
-    losses = _train(constrained_model, guide, y, steps=20, loss=loss)
-    assert losses[-1] < losses[0]
+    pyro.set_rng_seed(0)
+    guide = AutoPlanar(constrained_model, num_flows=3, init=None)  # a poor start: training must lower the loss
+    losses = _train(constrained_model, guide, y, steps=40, loss=loss, lr=0.05)
+    # means of 5 single-draw losses: one draw's noise (a few nats here) is larger than 20 steps' progress
+    assert sum(losses[-5:]) < sum(losses[:5])
 
 
 def test_trace_enum_elbo_with_enumerated_discrete_site():
@@ -195,7 +197,7 @@ def test_cnf_checkpoint_gradient_equals_backprop():
                 p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
         pyro.set_rng_seed(3)
         loss = Trace_ELBO().differentiable_loss(constrained_model, guide)
-        params = dict(guide.named_parameters())
+        params = {k: v for k, v in guide.named_parameters() if not k.startswith("start_")}  # the start is fixed
         grads[mode] = (loss, dict(zip(params, torch.autograd.grad(loss, list(params.values())))))
     (loss_b, g_b), (loss_c, g_c) = grads["backprop"], grads["checkpoint"]
     torch.testing.assert_close(loss_c, loss_b)
@@ -231,7 +233,7 @@ def test_global_latents_in_plates_and_subsample_error():
             pyro.sample("y", dist.Normal(theta, 1.0), obs=y)
 
     y = torch.tensor([1.0, -1.0, 2.0])
-    guide = AutoPlanar(model, num_flows=3)
+    guide = AutoPlanar(model, num_flows=3, init=None)  # from a poor start, so that training must lower the loss
     losses = _train(model, guide, y, steps=50, lr=0.05)
     assert losses[-1] < losses[0] and guide(y)["theta"].shape == (3,)
     # summaries of a site inside a plate keep the site's own shape

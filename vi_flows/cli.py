@@ -33,6 +33,24 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    if text.strip() == "0":
+        return 0
+    return _positive_int(text)
+
+
+RESUME_HELP = """\
+A run folder that already holds a run is never overwritten: give --resume to continue it or --overwrite to
+replace it. With --resume, options not given take the run's values (run.json), except --nproc (default 1).
+Taking effect: --steps (the total, counting the run's steps), --particles, --samples, --device, --nproc and
+--data (same names and shapes); changes to --data, --particles, --device and --nproc are recorded in run.json
+and diagnostics.json (another --nproc reseeds the ranks: the run no longer reproduces an uninterrupted one).
+Refused, naming the run's value: --guide, --flows and the data's shapes (they make the parameters), --lr
+(the optimizer's saved state holds it), --anneal (part of the objective) and --seed (the checkpoint's random
+state continues). A checkpoint whose parameters this model and guide do not create is refused.
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vi-flows", description="Normalizing-flow variational inference for Pyro.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,26 +65,34 @@ def _parser() -> argparse.ArgumentParser:
         "fit",
         help="fit a guide to a model function; write posterior.nc, summary.csv, diagnostics.json, elbo.csv/png",
         description="Fit a guide to MODULE:FUNCTION called as FUNCTION(**data) and write a run folder.",
+        epilog=RESUME_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     fit.add_argument("model", metavar="MODULE:FUNCTION", help="path/to/file.py:model or package.module:model")
-    fit.add_argument("--guide", choices=GUIDES, default="iaf", help="guide family (default: iaf)")
-    fit.add_argument("--steps", type=_positive_int, default=2000, help="maximum SVI steps (default: 2000)")
+    fit.add_argument("--guide", choices=GUIDES, help="guide family (default: iaf)")
+    fit.add_argument("--steps", type=_positive_int, help="maximum SVI steps, counting a resumed run's (default: 2000)")
     fit.add_argument("--data", help=".csv (columns), .json (object) or .npz (arrays): keyword arguments of the model")
     fit.add_argument("--flows", type=_positive_int, help="flow layers (planar/radial: 16, iaf: 2, others: 4)")
-    fit.add_argument("--lr", type=_positive_float, default=1e-2, help="Adam learning rate (default: 0.01)")
-    fit.add_argument("--particles", type=_positive_int, default=1, help="ELBO particles per step (default: 1)")
+    fit.add_argument("--lr", type=_positive_float, help="Adam learning rate (default: 0.01)")
+    fit.add_argument("--particles", type=_positive_int, help="ELBO particles per step (default: 1)")
     fit.add_argument(
-        "--anneal", type=_positive_int, metavar="STEPS", help="temper log p by min(1, 0.01 + t/STEPS) (default: off)"
+        "--anneal",
+        type=_non_negative_int,
+        metavar="STEPS",
+        help="temper log p by min(1, 0.01 + t/STEPS) (0: off, the default)",
     )
-    fit.add_argument("--samples", type=_positive_int, default=1000, help="guide draws for the report (default 1000)")
-    fit.add_argument("--device", help="torch device for the data and guide, e.g. cuda")
-    fit.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    fit.add_argument("--samples", type=_positive_int, help="guide draws for the report (default 1000)")
+    fit.add_argument("--device", help="torch device for the data and guide, e.g. cuda (default: cpu)")
+    fit.add_argument("--seed", type=int, help="random seed (default: 0)")
     fit.add_argument(
         "--nproc", type=_positive_int, default=1,
         help="data-parallel processes on this machine (re-launches itself through torch.distributed.run)",
     )
     fit.add_argument("--out", default="vi_flows_run", help="run folder (default: ./vi_flows_run)")
-    fit.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    fit.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (see below)")
+    fit.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in --out (without it, fit refuses to)"
+    )
     fit.add_argument("--quiet", action="store_true", help="no progress bar and no report")
     fit.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
 
@@ -77,7 +103,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line on ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    """Run the command line on ``argv`` (default ``sys.argv[1:]``); return the exit code.
+
+    A closed stdout (``vi-flows ... | head``) ends it quietly with 141 (128 + SIGPIPE), as a Unix
+    tool killed by SIGPIPE would; a Ctrl-C outside the fit's own handling ends it with one line and 130.
+    """
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at exit: a closed pipe must raise where it is caught
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return 128 + 13
+    except KeyboardInterrupt:
+        print("vi-flows: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # argparse has printed the usage error (2) or the help (0)
@@ -87,20 +130,44 @@ def main(argv: list[str] | None = None) -> int:
 
         run_demo(quick=args.quick, seed=args.seed, out=args.out, progress=not args.quiet)
         return 0
+    from . import _cli_run
+
     if args.command == "fit" and args.nproc > 1:
         from .distributed import launched
 
         if not launched():
-            return _relaunch(args.nproc, sys.argv[1:] if argv is None else list(argv))
-    from . import _cli_run
-
+            return _relaunch(args, sys.argv[1:] if argv is None else list(argv))
     return _cli_run.run(args)
 
 
-def _relaunch(nproc: int, argv: list[str]) -> int:
+def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
+    """``fit --nproc N``: check and claim the run folder here, once, then start N ranks through torchrun.
+
+    The ranks print their own one-line errors (rank 0 only); an interrupt is said here, once.
+    """
+    from . import _cli_run
     from .distributed import relaunch
 
-    return relaunch(nproc, ["--module", "vi_flows"], argv)
+    refused = _cli_run.prepare(args)
+    if refused is not None:
+        return refused
+    with _cli_run.prepared_env(args):
+        code = relaunch(args.nproc, ["--module", "vi_flows"], argv, quiet=(1, 2, 130))
+    if code == 130:
+        print(_cli_run.interrupted_line(args), file=sys.stderr)
+    return code
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail on the closed pipe again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a captured stream): nothing left to flush
+        pass
+
 
 if __name__ == "__main__":
     sys.exit(main())

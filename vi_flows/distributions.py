@@ -10,12 +10,16 @@ from pyro.distributions import TorchDistribution
 from torch import Tensor
 from torch.distributions import constraints
 
-from .transforms.affine import affine_call, affine_inverse, affine_log_det
+from .transforms.affine import Affine, affine_call, affine_inverse, affine_log_det
 from .transforms.base import ComposeFlow, FlowTransform
 
 __all__ = ["AffineNormal", "FlowDistribution", "StandardNormal"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+# FlowDistribution.mean / .variance without a closed form: a Monte-Carlo estimate from this many draws,
+# with this seed (in a forked RNG: the caller's stream is untouched), so repeated reads agree.
+MOMENT_SAMPLES = 10_000
+MOMENT_SEED = 0
 
 
 class StandardNormal(TorchDistribution):
@@ -130,6 +134,56 @@ class FlowDistribution(TorchDistribution):
         with torch.no_grad():
             return self.rsample(sample_shape)
 
+    @property
+    def mean(self) -> Tensor:
+        """``E[y]``: exact when the whole map is affine (see :meth:`moments`), else a seeded Monte-Carlo estimate."""
+        return self.moments()[0]
+
+    @property
+    def variance(self) -> Tensor:
+        """``Var[y_i]``: exact when the whole map is affine (see :meth:`moments`), else a seeded estimate."""
+        return self.moments()[1]
+
+    @torch.no_grad()
+    def moments(self, num_samples: int = MOMENT_SAMPLES, seed: int = MOMENT_SEED) -> tuple[Tensor, Tensor]:
+        """``(mean, variance)``, elementwise, of shape ``batch_shape + event_shape``; no gradient.
+
+        Exact when the base is Gaussian (:class:`StandardNormal`, :class:`AffineNormal`) and every transform
+        is an :class:`~vi_flows.transforms.Affine` map or provably the identity (no layers, or layers whose
+        :meth:`~vi_flows.transforms.FlowTransform.is_identity` says so): the moments are then pushed
+        through in closed form. Otherwise (any non-linear layer, even one that happens to act as the
+        identity but cannot prove it) an *estimate* from ``num_samples`` draws with a fixed ``seed``, drawn
+        in a forked RNG so the caller's random stream is left as it was; its standard error is about
+        ``sd/√num_samples`` for the mean and ``var·√(2/num_samples)`` for a Gaussian-like variance.
+        """
+        exact = self._affine_moments()
+        if exact is not None:
+            return exact
+        return self._sampled_moments(num_samples, seed)
+
+    def _affine_moments(self) -> tuple[Tensor, Tensor] | None:
+        """Closed-form ``(mean, variance)`` through Gaussian base and affine/identity maps, else ``None``."""
+        start = _gaussian_moments(self.base)
+        maps = _affine_parts(self.transforms)
+        if start is None or maps is None:
+            return None
+        mean, cov = start
+        for m in maps:
+            mean = affine_call(mean, m.loc, m.scale, m.scale_tril)
+            cov = _affine_covariance(cov, m.scale, m.scale_tril)
+        shape = self.batch_shape + self.event_shape
+        return mean.expand(shape), cov.diagonal(dim1=-2, dim2=-1).expand(shape)
+
+    def _sampled_moments(self, num_samples: int, seed: int) -> tuple[Tensor, Tensor]:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+            raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
+        device, cache = _device_of(self.base), self._cache
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            draws = self.sample((num_samples,))
+        self._cache = cache  # log_prob's cache stays on the caller's own last sample
+        return draws.mean(0), draws.var(0)
+
     def log_prob(self, value: Tensor) -> Tensor:
         cache = self._cache
         if cache is not None and value is cache[0]:
@@ -139,3 +193,47 @@ class FlowDistribution(TorchDistribution):
             value, ladj = t.inverse_and_ladj(value)
             log_det = log_det + ladj
         return self.base.log_prob(value) - log_det
+
+
+def _gaussian_moments(base: TorchDistribution) -> tuple[Tensor, Tensor] | None:
+    """``(mean, covariance)`` of a Gaussian base (covariance ``(..., d, d)``), else ``None``."""
+    if isinstance(base, StandardNormal):
+        d = base.dim
+        mean = torch.zeros(d, dtype=base._dtype, device=base._device)
+        return mean, torch.eye(d, dtype=base._dtype, device=base._device)
+    if isinstance(base, AffineNormal):
+        d = base.event_shape[0]
+        eye = torch.eye(d, dtype=base.loc.dtype, device=base.loc.device)
+        return base.loc, _affine_covariance(eye, base.scale, base.scale_tril)
+    return None
+
+
+def _affine_parts(transforms: Sequence) -> list[Affine] | None:
+    """The :class:`Affine` maps of a chain whose other parts are provably the identity, else ``None``."""
+    maps = []
+    for t in transforms:
+        if isinstance(t, Affine):
+            maps.append(t)
+        elif isinstance(t, ComposeFlow) and not t.is_identity():
+            inner = _affine_parts(t.parts)
+            if inner is None:
+                return None
+            maps.extend(inner)
+        elif not (isinstance(t, FlowTransform) and t.is_identity()):
+            return None
+    return maps
+
+
+def _affine_covariance(cov: Tensor, scale: Tensor | None, scale_tril: Tensor | None) -> Tensor:
+    """``L Σ Lᵀ`` for ``L = diag(scale)`` or ``scale_tril``."""
+    if scale is not None:
+        return scale.unsqueeze(-1) * cov * scale.unsqueeze(-2)
+    return scale_tril @ cov @ scale_tril.transpose(-1, -2)
+
+
+def _device_of(base: TorchDistribution) -> torch.device:
+    """Where ``base`` draws (CPU when it cannot tell)."""
+    if isinstance(base, StandardNormal):
+        return torch.device(base._device or "cpu")
+    loc = getattr(base, "loc", None)
+    return loc.device if isinstance(loc, Tensor) else torch.device("cpu")

@@ -89,8 +89,8 @@ def _import(name: str):
 
 
 def _describe(e: BaseException) -> str:
-    where = f" (line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
-    return f"{type(e).__name__}: {e}{where}"
+    """``Type: message``; a SyntaxError's ``str`` already ends in ``(file, line N)``: it is not added again."""
+    return f"{type(e).__name__}: {e}"
 
 
 def check_model_arguments(model: Callable, data: dict[str, Any]) -> None:

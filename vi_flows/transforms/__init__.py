@@ -5,9 +5,15 @@ One module per family; every layer is a :class:`FlowTransform` with an exact
 """
 
 from .affine import Affine
-from .autoregressive import InverseAutoregressive, MaskedAutoregressive, iaf_stack, maf_stack
+from .autoregressive import (
+    AffineInverseAutoregressive,
+    InverseAutoregressive,
+    MaskedAutoregressive,
+    affine_iaf_stack,
+    iaf_stack,
+    maf_stack,
+)
 from .base import ComposeFlow, FlowTransform
-from .continuous import ContinuousFlow
 from .coupling import AffineCoupling, coupling_stack
 from .linear import InvertibleLinear
 from .permute import Permute, Reverse
@@ -20,6 +26,7 @@ from .sylvester import Sylvester
 __all__ = [
     "Affine",
     "AffineCoupling",
+    "AffineInverseAutoregressive",
     "ComposeFlow",
     "ConditionalComposeFlow",
     "ContinuousFlow",
@@ -35,6 +42,7 @@ __all__ = [
     "Reverse",
     "SplineCoupling",
     "Sylvester",
+    "affine_iaf_stack",
     "coupling_stack",
     "iaf_stack",
     "maf_stack",
@@ -42,3 +50,12 @@ __all__ = [
     "spline_stack",
     "stack",
 ]
+
+
+def __getattr__(name: str):
+    """``ContinuousFlow`` on first use: its module imports torchdiffeq, which imports scipy (a second or two)."""
+    if name == "ContinuousFlow":
+        from .continuous import ContinuousFlow
+
+        return ContinuousFlow
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

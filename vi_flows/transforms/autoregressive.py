@@ -14,7 +14,15 @@ from .made import MADE
 from .permute import check_permutation
 from .stack import stack
 
-__all__ = ["Conditioned", "InverseAutoregressive", "MaskedAutoregressive", "iaf_stack", "maf_stack"]
+__all__ = [
+    "AffineInverseAutoregressive",
+    "Conditioned",
+    "InverseAutoregressive",
+    "MaskedAutoregressive",
+    "affine_iaf_stack",
+    "iaf_stack",
+    "maf_stack",
+]
 
 
 class InverseAutoregressive(ConditionalFlowTransform):
@@ -232,6 +240,28 @@ class MaskedAutoregressive(InverseAutoregressive):
         return y * torch.exp(-log_scale) + shift, log_scale.sum(-1)
 
 
+class AffineInverseAutoregressive(MaskedAutoregressive):
+    r"""Affine IAF: ``y = x ⊙ exp(−a(x)) + m(x)``, ``(m, a)`` autoregressive in ``x`` (Kingma et al. 2016, eq. 10).
+
+    The inverse of :class:`MaskedAutoregressive` with the same network: sampling (and the density of a
+    sample) is one network pass, the density of an arbitrary point ``d`` passes, as for
+    :class:`InverseAutoregressive`. Unlike the gated IAF, whose contraction ``σ = sigmoid(s + 2) ≈ 0.88``
+    shrinks every coordinate at the start, the last network layer starts at zero, so the layer starts
+    as the identity: a guide built on it starts exactly at its base Gaussian. ``log|det J| = −Σ_i a_i``,
+    ``a`` smoothly bounded by ``log_scale_bound`` (3: a layer scales a coordinate by at most ``e³``).
+    """
+
+    def transform(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(y, log|det J|)``: one network pass."""
+        y, ladj = super().invert(x, context)
+        return y, -ladj
+
+    def invert(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(x, log|det J(x)|)``: ``d`` network passes."""
+        x, ladj = super().transform(y, context)
+        return x, -ladj
+
+
 def maf_stack(
     dim: int,
     num_flows: int,
@@ -258,6 +288,29 @@ def maf_stack(
 
     With ``context_dim > 0`` the result is a :class:`~.stack.ConditionalComposeFlow`.
     """
+    return _ordered_stack(
+        MaskedAutoregressive, dim, num_flows, hidden_dims, context_dim, orders, seed, activation, log_scale_bound
+    )
+
+
+def affine_iaf_stack(
+    dim: int,
+    num_flows: int,
+    hidden_dims: Sequence[int] | None = None,
+    context_dim: int = 0,
+    *,
+    orders: str = "auto",
+    seed: int = 0,
+    activation: Callable[[], nn.Module] = nn.ReLU,
+    log_scale_bound: float = 3.0,
+) -> ComposeFlow:
+    """``num_flows`` :class:`AffineInverseAutoregressive` layers, orders as in :func:`maf_stack`."""
+    return _ordered_stack(
+        AffineInverseAutoregressive, dim, num_flows, hidden_dims, context_dim, orders, seed, activation, log_scale_bound
+    )
+
+
+def _ordered_stack(layer, dim, num_flows, hidden_dims, context_dim, orders, seed, activation, log_scale_bound):
     check_dim(dim)
     if orders not in ("auto", "reverse", "random"):
         raise ValueError(f"orders must be 'auto', 'reverse' or 'random', got {orders!r}")
@@ -269,8 +322,6 @@ def maf_stack(
 
     def make_layer() -> MaskedAutoregressive:
         order = torch.randperm(dim, generator=gen) if orders == "random" else None
-        return MaskedAutoregressive(
-            dim, hidden_dims, context_dim, order=order, activation=activation, log_scale_bound=log_scale_bound
-        )
+        return layer(dim, hidden_dims, context_dim, order=order, activation=activation, log_scale_bound=log_scale_bound)
 
     return stack(make_layer, num_flows, dim=dim, permute=orders == "reverse")

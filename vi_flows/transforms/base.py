@@ -93,6 +93,30 @@ class FlowTransform(TransformModule):
         state["_last"] = None
         return state
 
+    # The sign of det J where the layer's type fixes it (+1: orientation-preserving), else None.
+    _sign: int | None = None
+
+    @property
+    def sign(self) -> int:
+        """The sign of ``det J`` (``+1`` or ``-1``) where the layer's type fixes it; absent otherwise.
+
+        Absent means ``AttributeError`` (``hasattr(layer, "sign")`` is ``False``), not the
+        ``NotImplementedError`` of :attr:`torch.distributions.Transform.sign`: ``torch.jit.trace_module``
+        probes every attribute of every submodule with ``hasattr``, and any other error aborts the trace
+        (``JitTrace_ELBO``, a traced guide or ``Predictive``).
+        """
+        if self._sign is None:
+            raise AttributeError(f"{type(self).__name__}: the sign of its Jacobian determinant is not known")
+        return self._sign
+
+    def is_identity(self) -> bool:
+        """``True`` only when the layer is provably the identity map with its present parameters.
+
+        ``False`` means "not proven": a layer type that cannot tell keeps this default. Used to answer
+        moments and quantiles in closed form (:class:`~vi_flows.distributions.FlowDistribution`).
+        """
+        return False
+
     def condition(self, context: Tensor) -> Conditioned:
         """``f(·; context)``, sharing this layer's parameters.
 
@@ -278,6 +302,21 @@ class ComposeFlow(FlowTransform):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, layers={len(self.parts)}"
+
+    @property
+    def sign(self) -> int:
+        """The product of the parts' signs (``+1`` with no parts); absent (``AttributeError``) if one is unknown."""
+        total = 1
+        for p in self.parts:
+            try:
+                total *= p.sign
+            except (AttributeError, NotImplementedError):  # a FlowTransform's, or a plain torch transform's
+                raise AttributeError(f"ComposeFlow: the sign of part {type(p).__name__} is not known") from None
+        return total
+
+    def is_identity(self) -> bool:
+        """Every part is provably the identity (true for no parts)."""
+        return all(isinstance(p, FlowTransform) and p.is_identity() for p in self.parts)
 
     def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
         total = None

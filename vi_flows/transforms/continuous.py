@@ -7,6 +7,7 @@ and the adjoint); the flow map is ``x = z(0) ↦ y = z(t₁)``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -16,6 +17,7 @@ from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
 from ._ode import dopri5, rms_norm
+from ._ode import step as dopri5_step
 from .base import ACTIVATIONS, Conditioned, FlowTransform, check_hidden_dims
 
 __all__ = ["ConcatSquash", "ConditionedFlow", "ContinuousFlow", "ODENet"]
@@ -29,6 +31,11 @@ GRADIENTS = ("checkpoint", "backprop", "adjoint")
 DOPRI5_OPTIONS = {"first_step": "first_step", "max_num_steps": "max_steps"}
 # scipy_solver leaves torch (no gradients); every other torchdiffeq method is allowed.
 METHODS = tuple(m for m in SOLVERS if m != "scipy_solver")
+# Under torch.jit tracing the solve runs on a fixed grid of at least this many steps (a field that starts at
+# zero takes one adaptive step, too few once training bends it).
+TRACED_MIN_STEPS = 8
+# Field evaluations per attempted Dormand–Prince step (6 with FSAL), to read a solve's step count from its nfe.
+EVALS_PER_STEP = 6
 
 
 def _choice(value, allowed, name: str):
@@ -115,6 +122,48 @@ def jacrev_trace(net: ODENet, t: Tensor, z: Tensor, context: Tensor | None) -> t
     return dz, jac.diagonal(dim1=-2, dim2=-1).sum(-1)
 
 
+def _activation_slope(activation: nn.Module, pre: Tensor, out: Tensor) -> Tensor:
+    """``σ'(pre)`` of a :data:`SMOOTH_ACTIVATIONS` module, given ``out = σ(pre)``."""
+    if isinstance(activation, nn.Tanh):
+        return 1 - out * out
+    if isinstance(activation, nn.Softplus):
+        return torch.sigmoid(activation.beta * pre)
+    if isinstance(activation, nn.SiLU):
+        sig = torch.sigmoid(pre)
+        return sig * (1 + pre * (1 - sig))
+    raise TypeError(f"no closed-form slope for activation {type(activation).__name__}")
+
+
+def forward_mode_trace(net: ODENet, t: Tensor, z: Tensor, context: Tensor | None, eps: Tensor | None):
+    """``(f, tr ∂f/∂z)`` (``eps`` None) or ``(f, εᵀ (∂f/∂z) ε)`` by pushing tangents through the layers by hand.
+
+    Plain tensor ops only, no nested autograd: what ``torch.jit.trace`` can record (a traced
+    ``autograd.grad`` replays saved parameters as constants and fails; ``torch.func`` cannot be traced).
+    The tangents are ``I`` (``d`` columns, exact trace) or ``ε`` (one column, Hutchinson): the same
+    values as :func:`vjp_trace` and :func:`hutchinson_trace`, to rounding.
+    """
+    s = t.to(z).expand(*z.shape[:-1], 1)
+    if context is not None:
+        s = torch.cat([s, context], -1)
+    if eps is None:
+        tangent = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device).expand(*z.shape, z.shape[-1])
+    else:
+        tangent = eps.unsqueeze(-1)
+    h = z
+    for i, layer in enumerate(net.layers):
+        gate = torch.sigmoid(layer.gate(s))
+        pre = layer.linear(h) * gate + layer.shift(s)
+        tangent = (layer.linear.weight @ tangent) * gate.unsqueeze(-1)
+        if i == len(net.layers) - 1:
+            h = pre
+            break
+        h = net.activation(pre)
+        tangent = _activation_slope(net.activation, pre, h).unsqueeze(-1) * tangent
+    if eps is None:
+        return h, tangent.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return h, (tangent.squeeze(-1) * eps).sum(-1)
+
+
 def hutchinson_trace(dz: Tensor, z: Tensor, eps: Tensor, create_graph: bool) -> Tensor:
     """``εᵀ (∂dz/∂z) ε`` per row from one vector-Jacobian product; unbiased for ``E[εεᵀ] = I``."""
     (vjp,) = torch.autograd.grad(dz, z, eps, create_graph=create_graph)
@@ -151,6 +200,8 @@ class _Dynamics:
         if not graph:
             # A state made under no_grad may be a view that "requires grad" through its base.
             z = z.detach()
+        if torch.jit.is_tracing():  # neither autograd.grad nor torch.func can be recorded by the tracer
+            return forward_mode_trace(self.net, t, z, self.context, self.eps)
         if self.eps is None and (z.shape[-1] >= JACREV_MIN_DIM or torch.is_inference_mode_enabled()):
             with torch.set_grad_enabled(graph):  # torch.func differentiates whatever the outer grad mode
                 return jacrev_trace(self.net, t, z, self.context)
@@ -231,12 +282,24 @@ class ContinuousFlow(FlowTransform):
 
     Shapes: ``x (..., dim)``; ``log|det J|`` has shape ``x.shape[:-1]``.
 
+    Under ``torch.jit`` tracing (``JitTrace_ELBO``, a traced ``Predictive``) an adaptive solve cannot be
+    recorded: the trace would replay one run's steps whatever the field becomes. There the flow solves on
+    a fixed grid of Dormand–Prince steps instead, ``traced_steps`` of them (default ``None``: the attempted
+    steps of the last adaptive solve, ``nfe / 6``, but at least :data:`TRACED_MIN_STEPS`), and warns once
+    that this count is frozen into the trace. Its accuracy is then not controlled by ``rtol``/``atol``:
+    as training bends the field, raise ``traced_steps`` or use the untraced ELBO.
+
     References: Chen et al., "Neural Ordinary Differential Equations",
     NeurIPS 2018; Grathwohl et al., "FFJORD: Free-form Continuous Dynamics
     for Scalable Reversible Generative Models", ICLR 2019; Zhuang et al.,
     "Adaptive Checkpoint Adjoint Method for Gradient Estimation in Neural
     ODE", ICML 2020.
     """
+
+    _sign = 1  # det J = exp(∫ tr ∂f/∂z dt) > 0: a flow map preserves orientation
+    traced_steps: int | None = None  # fixed-grid steps under torch.jit tracing (class docstring)
+    _adaptive_steps: int | None = None  # attempted steps of the last adaptive solve
+    _warned_traced = False
 
     def __init__(
         self,
@@ -335,6 +398,12 @@ class ContinuousFlow(FlowTransform):
             f"rtol={self.rtol}, atol={self.atol}"
         )
 
+    def is_identity(self) -> bool:
+        """The field is identically zero (its last layer's weights, bias and time shift are all zero, as at
+        the start), so the flow map is exactly the identity and ``log|det J| = 0``."""
+        last = self.net.layers[-1]
+        return not any(bool(p.detach().any()) for p in (last.linear.weight, last.linear.bias, last.shift.weight))
+
     def transform(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(f(x; context), log|det J|)``; the conditional-layer protocol of :meth:`FlowTransform.condition`."""
         return self.integrate(x, context, reverse=False)
@@ -361,11 +430,6 @@ class ContinuousFlow(FlowTransform):
 
     def integrate(self, x: Tensor, context: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor]:
         """``(z(t₁), ∫₀^{t₁} tr ∂f/∂z dt)`` from ``z(0) = x``; with ``reverse``, ``(z(0), same)`` from ``z(t₁) = x``."""
-        if torch.jit.is_tracing():
-            raise RuntimeError(
-                "ContinuousFlow cannot be traced by torch.jit (JitTrace_ELBO): an adaptive solver takes as many "
-                "steps as the data need, and a trace would freeze one run's; use Trace_ELBO"
-            )
         shape = x.shape
         if not x.numel():  # the solver's step-size control divides by the state's norm
             return x.clone(), x.new_zeros(shape[:-1])
@@ -377,7 +441,9 @@ class ContinuousFlow(FlowTransform):
             eps = torch.randn_like(z) if self.noise == "gaussian" else torch.empty_like(z).bernoulli_(0.5) * 2 - 1
         func = _Dynamics(self.net, context, eps)
         start, end = (self.t1, 0.0) if reverse else (0.0, self.t1)
-        if self.solver == "dopri5" and self.gradient != "adjoint":
+        if torch.jit.is_tracing():
+            zs, a = self._fixed_grid(func, z, start, end)
+        elif self.solver == "dopri5" and self.gradient != "adjoint":
             params = (*self.net.parameters(), *(() if context is None else (context,)))
             options = {DOPRI5_OPTIONS[k]: v for k, v in self.options.items()}
             y = dopri5(
@@ -395,10 +461,37 @@ class ContinuousFlow(FlowTransform):
             zs, a = y[:, :-1], y[:, -1]
         else:
             zs, a = self._torchdiffeq(func, z, start, end, context)
+        if not torch.jit.is_tracing():
+            self._adaptive_steps = max(1, round(func.nfe / EVALS_PER_STEP))
         self.nfe = func.nfe
         # a(t_end) = ∫_{t_start}^{t_end} tr dt, which is −log|det J| when integrating backwards.
         ladj = -a if reverse else a
         return zs.reshape(shape), ladj.reshape(shape[:-1])
+
+    def _traced_step_count(self) -> int:
+        """The fixed grid's step count under tracing; warns once that it is frozen into the trace."""
+        n = self.traced_steps or max(self._adaptive_steps or 0, TRACED_MIN_STEPS)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"traced_steps must be an integer >= 1 or None, got {n!r}")
+        if not self._warned_traced:
+            self._warned_traced = True
+            warnings.warn(
+                f"ContinuousFlow under torch.jit tracing: the adaptive {self.solver!r} solve is replaced by a fixed "
+                f"grid of {n} Dormand-Prince steps, frozen into the trace (rtol/atol no longer apply); set "
+                "traced_steps on the layer to choose, or use an untraced ELBO",
+                stacklevel=2,
+            )
+        return n
+
+    def _fixed_grid(self, func: _Dynamics, z: Tensor, start: float, end: float) -> tuple[Tensor, Tensor]:
+        """``(z(end), ∫ tr dt)`` by equal Dormand–Prince steps: the same ops every call, so it can be traced."""
+        n = self._traced_step_count()
+        y = torch.cat([z, z.new_zeros(z.shape[0], 1)], -1)
+        dt = (end - start) / n
+        for i in range(n):
+            t = start + i * dt
+            y, _ = dopri5_step(func.packed, t, y, func.packed(t, y), dt)
+        return y[:, :-1], y[:, -1]
 
     def _error_norm(self, r: Tensor) -> Tensor:
         """The step-size control's norm of ``error / tolerance`` over ``[z, a]``: torchdiffeq's, with the weight."""
