@@ -70,8 +70,8 @@ def narrow_guide():
     pyro.sample("z", dist.Normal(0.0, 0.5))
 
 
-def exact_guide():
-    pyro.sample("z", dist.StudentT(1.5, 0.0, 1.0))
+def wide_guide():
+    pyro.sample("z", dist.StudentT(1.5, 0.0, 1.2))  # the posterior's tail, a little wider: bounded weights
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +85,8 @@ def off():
 
 def test_the_guide_is_off_as_built(off):
     guide, d = off
-    assert float(guide.loc) == pytest.approx(POST_MEAN + SHIFT * POST_SD, rel=1e-5)
-    assert float(guide.scale) == pytest.approx(WIDTH * POST_SD, rel=1e-5)
+    assert float(guide.loc.detach()) == pytest.approx(POST_MEAN + SHIFT * POST_SD, rel=1e-5)
+    assert float(guide.scale.detach()) == pytest.approx(WIDTH * POST_SD, rel=1e-5)
     # a wider-than-posterior Gaussian has bounded weights: k̂ far below KHAT_OK, and the ESS the closed form says
     assert d.khat < 0.5 and d.reading == "good" and d.corrected_valid
     assert d.ess / S == pytest.approx(ESS_FRAC, abs=0.03)  # the estimate's own noise is below 0.01 at 20000 draws
@@ -165,13 +165,15 @@ def test_unreliable_khat_offers_no_corrected_draws_or_moments():
 
 
 def test_one_unreliable_chain_refuses_them_all_and_names_it():
-    guides = [exact_guide, narrow_guide]
+    guides = [wide_guide, narrow_guide]
     with pytest.raises(UnreliableWeightsError, match=r"\(chain 1 of 2\)"):
         to_inference_data(heavy_tail, guides, num_samples=2500, seed=0, corrected=True)
-    both = to_inference_data(heavy_tail, [exact_guide, exact_guide], num_samples=2500, seed=0, corrected=True)
-    assert both.posterior["z"].shape == (2, 2500) and both.sample_stats["guide_draw"].shape == (2, 2500)
-    # q = p: every weight is 1, so stratified resampling keeps each draw exactly once
-    np.testing.assert_array_equal(both.sample_stats["guide_draw"].values, np.tile(np.arange(2500), (2, 1)))
+    plain = to_inference_data(heavy_tail, [wide_guide, wide_guide], num_samples=2500, seed=0)
+    both = psis_resample(plain, seed=0)
+    assert both.posterior["z"].shape == (2, 2500) and both.posterior.attrs["vi_flows_reading"] == "good"
+    index = both.sample_stats["guide_draw"].values
+    for c in range(2):  # each chain resampled from its own draws
+        np.testing.assert_array_equal(both.posterior["z"].values[c], plain.posterior["z"].values[c, index[c]])
 
 
 def test_validity_follows_the_module_thresholds_at_the_sample_size(off):
@@ -272,6 +274,7 @@ def test_cli_writes_no_corrected_draws_when_unreliable_and_removes_stale_ones(fi
     assert not (tmp_path / "posterior_psis.nc").exists()
 
 
+@pytest.mark.filterwarnings("ignore:k-hat from 500 draws:UserWarning")  # expected: that is the point here
 def test_cli_verdict_reads_against_the_lower_threshold_of_few_draws(files, tmp_path, capsys):
     argv = ["fit", f"{files}/models.py:normal_mean", "--data", f"{files}/data.csv", "--steps", "5",
             "--samples", "500", "--out", tmp_path]  # fmt: skip

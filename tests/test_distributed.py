@@ -177,7 +177,9 @@ def _resume_worker(rank, out):
         pyro.clear_param_store()
         sampler = DistributedSampler(dataset, shuffle=True, seed=5)  # 100 rows a rank, 4 batches of 25 an epoch
         loader = DataLoader(dataset, batch_size=25, sampler=sampler)
-        result = fit(sub200, AutoNormal(sub200), batches=loader, seed=2, lr=0.05, tol=None, progress=False, **kw)
+        # lr_decay=None: the default decay is tied to num_steps, and this run extends a 10-step run to 20 steps
+        result = fit(sub200, AutoNormal(sub200), batches=loader, seed=2, lr=0.05, tol=None, lr_decay=None,
+                     progress=False, **kw)  # fmt: skip
         return params(), result.history.drop(columns="elapsed")
 
     full, full_history = run(num_steps=20)

@@ -206,14 +206,6 @@ def test_cnf_checkpoint_gradient_equals_backprop():
         torch.testing.assert_close(g_c[name], g_b[name], rtol=1e-4, atol=1e-6)
 
 
-def test_cnf_under_jit_is_a_clear_error():
-    pyro.clear_param_store()
-    guide = AutoCNF(constrained_model, hidden_dims=(4,), rtol=1e-3, atol=1e-3)
-    svi = SVI(constrained_model, guide, pyro.optim.Adam({"lr": 1e-2}), JitTrace_ELBO())
-    with pytest.raises(RuntimeError, match="cannot be traced by torch.jit.*use Trace_ELBO"):
-        svi.step()
-
-
 def test_latent_dimension_change_is_an_error():
     def model(x):
         pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0).to_event(1))

@@ -65,7 +65,9 @@ def test_auto_start_is_the_exact_posterior_of_an_ill_conditioned_regression():
 
 
 def test_a_laplace_start_on_a_gaussian_posterior_is_kept():
-    """Started at the exact posterior (KL = 0), 500 steps at the default lr must not walk away: KL stays < 0.02.
+    """Started at the exact posterior (KL = 0), 500 steps of the default fit must not walk away: KL stays < 0.02.
+
+    Without the default lr decay the same fit ended at KL 0.048 (IAF) and 0.21 (planar).
 
     The KL is ``log p(y) − ELBO`` with 20,000 draws (Monte-Carlo sd of the estimate ≈ 0.01 nats at this KL).
     """
@@ -179,7 +181,7 @@ def test_gain_rule_waits_while_a_noisy_elbo_still_climbs():
 def test_gain_rule_stops_on_a_flat_precise_elbo_and_the_old_rule_stops_early_on_a_large_one():
     rng = random.Random(1)
     flat = [-50 + rng.gauss(0, 1e-4) for _ in range(2000)]
-    assert _feed(GainRule(GAIN_TOL, 100, 2000), flat) == 500  # the first step with 5 windows of trend
+    assert _feed(GainRule(GAIN_TOL, 100, 2000), flat) == 1000  # the first check: half of num_steps
     # |ELBO| = 1e4 climbing 2 nats per 100 steps: a relative 1e-3 (10 nats) stops it, the gain rule does not
     climbing = [-1e4 + 0.02 * t + rng.gauss(0, 1) for t in range(2000)]
     assert _feed(RelativeRule(1e-3, 100, 3), climbing) is not None

@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="STEPS",
         help="temper log p by min(1, 0.01 + t/STEPS) (0: off, the default)",
     )
-    fit.add_argument("--samples", type=_positive_int, help="guide draws for the report (default 1000)")
+    fit.add_argument("--samples", type=_positive_int, help="guide draws for the report (default 4000)")
     fit.add_argument("--device", help="torch device for the data and guide, e.g. cuda (default: cpu)")
     fit.add_argument("--seed", type=int, help="random seed (default: 0)")
     fit.add_argument(

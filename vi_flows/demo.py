@@ -51,7 +51,7 @@ def _guides(quick: bool) -> dict[str, tuple[Callable, int | None]]:
         "AutoPlanar": (AutoPlanar, 500 if quick else None),
         "AutoIAF": (AutoIAF, 500 if quick else None),
         "AutoNSF": (AutoNSF, 500 if quick else None),
-        "AutoCNF": (AutoCNF, 100 if quick else 400),
+        "AutoCNF": (AutoCNF, 100 if quick else 200),
     }
 
 

@@ -502,7 +502,7 @@ def _draw_batched(model, guide, args, kwargs, num_samples: int, mpn: int, plain:
         max_plate_nesting=mpn,
         posterior={n: _posterior_site(nodes[n], roles, mpn, S) for n in roles.posterior},
         log_lik={n: _log_lik(nodes[n], mpn, S) for n in roles.observed},
-        observed_data={n: _observed(nodes[n], mpn) for n in roles.observed},
+        observed_data={n: _observed(nodes[n], mpn) for n in roles.observed if not _is_factor(nodes[n])},
     )
     if predictive_trace is not None:
         draws.predictive = {n: _sampled(predictive_trace.nodes[n], mpn, S) for n in roles.observed}
@@ -617,7 +617,7 @@ def _draw_looped(model, guide, args, kwargs, num_samples: int, mpn: int, plain: 
         max_plate_nesting=mpn,
         posterior=_stacked_arrays(records, "posterior", first, roles, mpn),
         log_lik=_stacked_arrays(records, "log_lik", first, roles, mpn),
-        observed_data={n: _observed(first.nodes[n], mpn) for n in roles.observed},
+        observed_data={n: _observed(first.nodes[n], mpn) for n in roles.observed if not _is_factor(first.nodes[n])},
         predictive=_stacked_arrays(records, "predictive", first, roles, mpn) if predictive else None,
         guide_looped=guide_looped,
     )
@@ -783,6 +783,11 @@ def _log_lik(site: dict, max_plate_nesting: int, num_samples: int) -> tuple[np.n
     return _named(site, lp, 0, max_plate_nesting, num_samples, site["fn"].batch_shape)
 
 
+def _is_factor(site: dict) -> bool:
+    """A ``pyro.factor`` site: it adds to ``log p`` but holds no data (its value is an empty placeholder)."""
+    return bool(site["infer"].get("is_auxiliary")) and site["value"].numel() == 0
+
+
 def _observed(site: dict, max_plate_nesting: int) -> tuple[np.ndarray, list[str]]:
     return _named(site, site["value"], site["fn"].event_dim, max_plate_nesting, None)
 
@@ -851,7 +856,7 @@ def _corrected_valid(khat: float, num_samples: int) -> bool:
 def _refusal(khat: float, num_samples: int, what: str) -> str:
     """The one line refusing PSIS-corrected ``what`` when k̂ says they are not valid, and what would help."""
     if not math.isfinite(khat):
-        return f"no PSIS-corrected {what}: k-hat is undefined (too few tail draws to fit the Pareto tail); draw more"
+        return f"no PSIS-corrected {what}: k-hat is undefined (too few distinct large weights to fit the Pareto tail)"
     bad = khat_threshold(num_samples)
     head = f"no PSIS-corrected {what}: k-hat {khat:.3g} > {bad:.3g}, unreliable at {num_samples} draws"
     if khat <= KHAT_OK:  # only the sample size is short
@@ -999,7 +1004,7 @@ class Diagnostics:
         df = self.to_dataframe()
         if len(df):
             max_rows = 20
-            withheld = "" if self.corrected_valid else f" (withheld: {self.reading} k-hat)"
+            withheld = "" if self.corrected_valid else f" (withheld as NaN: k-hat reads {self.reading})"
             lines.append(f"Posterior mean / sd per site (constrained space): guide vs PSIS-corrected{withheld}")
             table = df.head(max_rows).to_string(index=False, float_format=lambda v: f"{v:.4g}")
             lines += ["  " + line for line in table.splitlines()]
@@ -1170,9 +1175,9 @@ def _resampled(ds, index: np.ndarray):
     """A Dataset with dims (chain, draw, ...) at the draws ``index`` (chain, new draw) picks in each chain."""
     import xarray as xr
 
-    parts = [ds.isel(chain=[c], draw=index[c]) for c in range(index.shape[0])]
-    out = parts[0] if len(parts) == 1 else xr.concat(parts, dim="chain")
-    return out.assign_coords(draw=np.arange(index.shape[1]))
+    draw = np.arange(index.shape[1])  # new draw labels first: chains picked different draws, concat aligns on them
+    parts = [ds.isel(chain=[c], draw=index[c]).assign_coords(draw=draw) for c in range(index.shape[0])]
+    return parts[0] if len(parts) == 1 else xr.concat(parts, dim="chain")
 
 
 def psis_resample(idata: arviz.InferenceData, seed: int | None = None) -> arviz.InferenceData:

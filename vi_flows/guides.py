@@ -56,6 +56,16 @@ def _tensor_shapes(args, kwargs) -> tuple:
     return tuple(shapes)
 
 
+def _moves_no_draw(eps: Tensor, flowed: Tensor, ulps: int = 128) -> bool:
+    """The flow left every draw where it was, to ``ulps`` units of rounding: it acts as the identity on ``q``.
+
+    Layers at their identity start are exactly the identity in exact arithmetic; in floating point some
+    (planar, spline, Sylvester) move a point by a few ulps, far below any Monte-Carlo error.
+    """
+    tol = ulps * torch.finfo(eps.dtype).eps
+    return bool(((flowed - eps).abs() <= tol * (1 + eps.abs())).all())
+
+
 @contextmanager
 def _seeded(seed: int | None, device: torch.device):
     """Fix the RNG inside the block without disturbing the caller's stream."""
@@ -102,10 +112,10 @@ class AutoFlow(AutoContinuous):
         - ``None``: ``init_loc_fn`` with ``init_scale``, no pre-fit.
     :param laplace_steps: L-BFGS iterations of the pre-fit.
 
-    ``median`` is the image of the noise's centre, ``T(μ + L f(0))``: no draws, exact at the start (the
-    values ``init_loc_fn`` gave) and wherever the flow is elementwise monotone (see :meth:`median`).
-    ``quantiles`` have no closed form for a flow: they are computed from ``num_samples`` draws with a fixed
-    ``seed`` (so repeated calls agree), elementwise in the constrained space.
+    ``median`` is exact while the flow is the identity (at the start: the values ``init_loc_fn`` gave).
+    Otherwise ``median`` and ``quantiles`` have no closed form for a flow: they are computed from
+    ``num_samples`` draws with a fixed ``seed`` (so repeated calls agree), elementwise in the constrained
+    space (see :meth:`median`).
     """
 
     scale_constraint = constraints.softplus_positive
@@ -414,11 +424,18 @@ class AutoFlow(AutoContinuous):
             self._setup_prototype(*args, **kwargs)
 
     @torch.no_grad()
-    def _latent_draws(self, num_samples: int, seed: int | None, args, kwargs) -> Tensor:
-        """``num_samples`` unconstrained draws ``(S, d)``, seeded in a forked RNG (the caller's is untouched)."""
+    def _noise_draws(self, num_samples: int, seed: int | None, args, kwargs) -> tuple[Tensor, Tensor]:
+        """Noise ``ε (S, d)`` and its image ``f(ε)``, seeded in a forked RNG (the caller's is untouched)."""
         self._prototype_ready(args, kwargs)
-        with _seeded(seed, self.loc.device):
-            return self.get_posterior(*args, **kwargs).sample((num_samples,))
+        with _seeded(seed, self.loc.device):  # the flow too: a Hutchinson CNF draws its probes
+            eps = self.get_base_dist().sample((num_samples,))
+            return eps, self.flow(eps)
+
+    @torch.no_grad()
+    def _latent_draws(self, num_samples: int, seed: int | None, args, kwargs) -> Tensor:
+        """``num_samples`` unconstrained draws ``z = μ + L f(ε)``, ``(S, d)``: ``get_posterior().sample``'s."""
+        _, flowed = self._noise_draws(num_samples, seed, args, kwargs)  # sets the guide up first
+        return self._base_map()(flowed)
 
     def _constrained_draws(self, num_samples: int, seed: int | None, args, kwargs) -> dict[str, Tensor]:
         latent = self._latent_draws(num_samples, seed, args, kwargs)
@@ -433,8 +450,9 @@ class AutoFlow(AutoContinuous):
         Per element of each site, the empirical quantiles of the constrained draws: monotone in ``quantiles``
         and inside the support, the same on every call (the caller's RNG is untouched). An estimate: the
         standard error of a quantile is about ``sqrt(q (1 − q)) / (density · sqrt(num_samples))``, about
-        ``0.02 sd`` for the median of a Gaussian-like marginal at the default 4000 draws; so ``0.5`` agrees
-        with :meth:`median` to that error wherever :meth:`median` is the marginal median (see there).
+        ``0.02 sd`` for the median of a Gaussian-like marginal at the default 4000 draws. ``0.5`` equals
+        :meth:`median` where the flow is not the identity (the same draws), and agrees with its exact value
+        to that error where it is.
 
         :return: ``{site: tensor of shape (len(quantiles),) + site_shape}``.
         """
@@ -446,39 +464,46 @@ class AutoFlow(AutoContinuous):
         return {name: torch.quantile(v, q, dim=0) for name, v in draws.items()}
 
     @torch.no_grad()
-    def median(self, *args, num_samples: int | None = None, seed: int | None = None, **kwargs) -> dict[str, Tensor]:
-        """The image of the noise's centre, ``T(μ + L f(0))`` per site (``T``: the sites' bijections).
+    def median(self, *args, num_samples: int = 4000, seed: int | None = 0, **kwargs) -> dict[str, Tensor]:
+        """Posterior median of each site.
 
-        Deterministic, no draws, as Pyro's ``AutoContinuous.median`` (``T(loc)``), which it equals for a
-        flow at the identity. It is each site's exact marginal median
+        Exact, without draws, while the flow ``f`` is the identity: provably (no layers, a CNF's zero field)
+        or by moving none of ``num_samples`` seeded noise draws by more than ``128`` ulps (every family at
+        its start but ``AutoPlanar(start="random")``). ``q`` is then the base Gaussian, and the median is the
+        image of the noise's centre, ``T(μ + L f(0)) = T(μ)`` (``T``: the sites' bijections), as Pyro's
+        ``AutoContinuous.median``: right after the first call, exactly the values ``init_loc_fn`` gave
+        (``init=None``) or the pre-fit's mean.
 
-        - while the flow ``f`` is the identity, as at the start (every family but ``AutoPlanar(start=
-          "random")``): there it returns exactly the values ``init_loc_fn`` gave (``init=None``) or the
-          pre-fit's mean, mapped to the support;
-        - for a flow acting elementwise and monotonically (increasing) with a diagonal ``L``.
-
-        The latter holds for sites with an elementwise bijection (real, positive, interval), since a median
-        maps to the median through monotone maps. Otherwise (a trained flow that mixes coordinates, a full
-        ``L`` with a non-identity flow, a simplex or correlation-Cholesky site) it is a central point of
-        ``q`` inside the support, not the marginal median; ``quantiles([0.5])`` estimates that from draws.
-
-        ``num_samples`` and ``seed`` are deprecated and ignored (the median used to be estimated from draws).
+        Otherwise there is no closed form: it is estimated from ``num_samples`` draws with a fixed ``seed``
+        (the caller's RNG untouched), the same draws as :meth:`quantiles`, so it equals their ``0.5``.
+        Sites with an elementwise bijection (real, positive, interval) get their marginal medians; sites
+        whose bijection couples elements (simplex, correlation Cholesky) get the image of the unconstrained
+        medians, which stays inside the support.
         """
-        if num_samples is not None or seed is not None:
-            warnings.warn(
-                f"{type(self).__name__}.median: num_samples and seed are deprecated and ignored; the median is "
-                "now computed without draws (see the docstring)",
-                FutureWarning,
-                stacklevel=3,
-            )
         self._prototype_ready(args, kwargs)
-        latent = self._noise_centre_image()
+        if self.flow.is_identity():
+            return self._centre_median()
+        eps, flowed = self._noise_draws(num_samples, seed, args, kwargs)
+        if _moves_no_draw(eps, flowed):
+            return self._centre_median()
+        return self._draws_median(self._base_map()(flowed))
+
+    def _centre_median(self) -> dict[str, Tensor]:
+        """``T(μ + L f(0))`` per site: the image of the noise's centre, the median of a Gaussian ``q``."""
+        centre = torch.zeros(self.latent_dim, dtype=self.loc_unit.dtype, device=self.loc_unit.device)
+        latent = self._base_map()(self.flow(centre))
         return {site["name"]: self._bijections[site["name"]](u) for site, u in self._unpack_latent(latent)}
 
-    def _noise_centre_image(self) -> Tensor:
-        """``μ + L f(0)``: the unconstrained image of the centre of the noise ``ε ~ N(0, I)``."""
-        centre = torch.zeros(self.latent_dim, dtype=self.loc_unit.dtype, device=self.loc_unit.device)
-        return self._base_map()(self.flow(centre))
+    def _draws_median(self, latent: Tensor) -> dict[str, Tensor]:
+        """Per site, the marginal medians of draws ``latent (S, d)`` (elementwise bijections), else ``T(median)``."""
+        result = {}
+        for site, u in self._unpack_draws(latent):
+            t = self._bijections[site["name"]]
+            if t.domain.event_dim == 0:
+                result[site["name"]] = torch.quantile(t(u), 0.5, dim=0)  # as quantiles() computes it
+            else:
+                result[site["name"]] = t(torch.quantile(u, 0.5, dim=0))
+        return result
 
 
 class AutoPlanar(AutoFlow):
@@ -624,11 +649,14 @@ class AutoSylvester(AutoFlow):
 
         num_flows = _check_num_flows(num_flows)
         Sylvester(1, num_householder=num_householder)  # validate now, not at the first step
-
-        def make(dim: int) -> list[FlowTransform]:
-            return [Sylvester(dim, num_householder=num_householder) for _ in range(num_flows)]
-
+        make = partial(_sylvester_layers, num_flows=num_flows, num_householder=num_householder)  # picklable
         super().__init__(model, make, **kwargs)
+
+
+def _sylvester_layers(dim: int, num_flows: int, num_householder: int | None) -> list[FlowTransform]:
+    from .transforms.sylvester import Sylvester
+
+    return [Sylvester(dim, num_householder=num_householder) for _ in range(num_flows)]
 
 
 class AutoNSF(AutoFlow):

@@ -18,12 +18,15 @@ GAIN_TOL = 0.1
 TREND_WINDOWS = 5
 #: The optimistic slope is the fitted one plus this many standard errors (one-sided ~98 %).
 Z_UPPER = 2.0
+#: Never before this fraction of ``num_steps``: a flow can sit on a plateau before it starts to bend (AutoNSF
+#: on the energy U3 was stopped at 500 of 2000 steps, KL 16.8), and the decaying lr needs its tail.
+MIN_FRACTION = 0.5
 
 
 class GainRule:
     r"""Stop once the steps left cannot gain ``tol`` nats, even at the optimistic end of the trend.
 
-    At the end of every ``window`` steps, a line is fitted (least squares) to the last
+    At the end of every ``window`` steps from half of ``num_steps`` on, a line is fitted (least squares) to the last
     ``TREND_WINDOWS · window`` ELBO estimates; with slope ``b`` and its standard error ``s``, the fit
     stops when ``(b + 2s) · (num_steps − step) < tol``. Noisy estimates make ``s`` large, so a noisy
     ELBO that is still climbing on average is never taken for a plateau (the failure of a rule on the
@@ -38,7 +41,9 @@ class GainRule:
 
     def update(self, step: int, elbo: float) -> bool:
         self._recent.append((step, elbo))
-        if step % self.window or len(self._recent) < self._recent.maxlen or step >= self.num_steps:
+        if step % self.window or step < MIN_FRACTION * self.num_steps or step >= self.num_steps:
+            return False
+        if len(self._recent) < self._recent.maxlen:
             return False
         slope, se = _slope(self._recent)
         if not math.isfinite(slope + se):
