@@ -299,9 +299,12 @@ class AutoFlow(AutoContinuous):
     @property
     def loc(self) -> Tensor:
         """``μ = μ_0 + L_0 m``: the base Gaussian's mean (``μ_0 + m`` when the start was not searched)."""
+        return self._loc(self._start())
+
+    def _loc(self, start: tuple[Tensor, Tensor | None, Tensor | None]) -> Tensor:
         if self._absolute_loc:
-            return self.start_loc.detach() + self.loc_unit
-        return affine_call(self.loc_unit, *self._start())
+            return start[0] + self.loc_unit
+        return affine_call(self.loc_unit, *start)
 
     @property
     def scale(self) -> Tensor:
@@ -318,9 +321,9 @@ class AutoFlow(AutoContinuous):
             return loc0, scale0, None
         return loc0, None, scale0.tril()
 
-    def _affine_args(self) -> dict[str, Tensor]:
+    def _affine_args(self, start: tuple[Tensor, Tensor | None, Tensor | None] | None = None) -> dict[str, Tensor]:
         """``L = L_0 S`` as ``scale=`` (both diagonal) or ``scale_tril=``."""
-        _, diag0, tril0 = self._start()
+        _, diag0, tril0 = self._start() if start is None else start
         sigma = self.scale_unit
         if self._base == "full":
             rel = sigma.unsqueeze(-1) * self.tril_unit
@@ -330,8 +333,9 @@ class AutoFlow(AutoContinuous):
         return {"scale_tril": tril0 * sigma}
 
     def _base_map(self) -> Affine:
-        """``x ↦ μ + L x``."""
-        return Affine(self.loc, **self._affine_args(), dim=self.latent_dim)
+        """``x ↦ μ + L x`` (every step: the start's parameters are read once)."""
+        start = self._start()
+        return Affine(self._loc(start), **self._affine_args(start), dim=self.latent_dim)
 
     def _loc_scale(self, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """The base Gaussian's mean and marginal standard deviations (Pyro's ``AutoContinuous`` contract)."""

@@ -67,12 +67,11 @@ class Start:
 
 def laplace(log_joint: LogJoint, z0: Tensor, steps: int = PATH_STEPS) -> Start | None:
     """The Laplace approximation at the MAP: ``N(ẑ, H⁻¹)``; None when there is no mode with ``H`` positive definite."""
-    path = _lbfgs_path(log_joint, z0, steps)
-    mode, chol, info = _newton(lambda z: -_try(log_joint, z), path[-1])
-    if info != 0 or not torch.isfinite(mode).all():
+    polished = _polished_mode(log_joint, _lbfgs_path(log_joint, z0, steps)[-1])
+    if polished is None:
         return None
-    tril = torch.linalg.cholesky(torch.cholesky_inverse(chol)).to(mode.dtype)
-    return Start(mode, tril, math.nan, "laplace")
+    mode, tril = polished
+    return Start(mode, tril.to(mode.dtype), math.nan, "laplace")
 
 
 def pathfinder(log_joint: LogJoint, z0: Tensor, *, steps: int = PATH_STEPS, seed: int = 0) -> Start | None:
@@ -80,21 +79,23 @@ def pathfinder(log_joint: LogJoint, z0: Tensor, *, steps: int = PATH_STEPS, seed
     path = _lbfgs_path(log_joint, z0, steps)
     picks = sorted({round(i * (len(path) - 1) / max(NUM_CANDIDATES - 1, 1)) for i in range(NUM_CANDIDATES)})
     points = [path[i] for i in picks]
-    mode, _, info = _newton(lambda z: -_try(log_joint, z), path[-1])
-    if info == 0 and torch.isfinite(mode).all():
-        points[-1] = mode
+    polished = _polished_mode(log_joint, path[-1])
+    last = len(points) - 1
+    if polished is not None:
+        points[-1] = polished[0]
     gen = torch.Generator(device=z0.device).manual_seed(seed)
     eps = torch.randn((NUM_DRAWS, z0.numel()), generator=gen, device=z0.device, dtype=torch.float64)
     scored = []
     for k, point in enumerate(points):
-        tril = _gaussian_at(log_joint, point)
+        # at the polished mode Newton has factored the Hessian already
+        tril = polished[1] if k == last and polished is not None else _gaussian_at(log_joint, point)
         if tril is not None:
             scored.append((k, point, tril, _elbo_terms(log_joint, point, tril, eps)))
     scored = [s for s in scored if torch.isfinite(s[3]).all()]
     if not scored:
         return None
     best = max(scored, key=lambda s: s[3].mean().item())
-    if info == 0 and scored[-1][0] == len(points) - 1 and best is not scored[-1]:
+    if polished is not None and scored[-1][0] == last and best is not scored[-1]:
         # A mode exists: keep its (Newton-polished) Laplace approximation when another point is no better
         # beyond noise (2 standard errors of the paired difference on common draws), provided the comparison
         # is precise at all (se < TIE_SE): a funnel's mode has a finite density but heavy-tailed ELBO terms.
@@ -103,8 +104,20 @@ def pathfinder(log_joint: LogJoint, z0: Tensor, *, steps: int = PATH_STEPS, seed
         if diff.mean().item() < 2 * se and se < TIE_SE:
             best = scored[-1]
     k, point, tril, terms = best
-    how = "laplace" if k == len(points) - 1 and info == 0 else f"path point {picks[k]} of {len(path) - 1}"
+    how = "laplace" if k == last and polished is not None else f"path point {picks[k]} of {len(path) - 1}"
     return Start(point, tril.to(point.dtype), terms.mean().item(), how)
+
+
+def _polished_mode(log_joint: LogJoint, point: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The mode near ``point`` after Newton polish and the Cholesky factor (float64) of ``H⁻¹`` there.
+
+    None where ``H`` is not positive definite (no mode: a saddle, a funnel's neck, a flat direction).
+    """
+    mode, chol, info = _newton(lambda z: -_try(log_joint, z), point)
+    if info != 0 or not torch.isfinite(mode).all():
+        return None
+    tril, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol))
+    return (mode, tril) if int(info) == 0 and torch.isfinite(tril).all() else None
 
 
 def _lbfgs_path(log_joint: LogJoint, z0: Tensor, steps: int) -> list[Tensor]:
