@@ -46,11 +46,28 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         pyro.clear_param_store()
         guide = make(eight_schools)
         start = time.perf_counter()
-        fit(eight_schools, guide, num_steps=steps, lr=2e-2, lr_decay=0.1, num_particles=4, seed=args.seed,
-            progress=False, tol=None)
+        fit(
+            eight_schools,
+            guide,
+            num_steps=steps,
+            lr=2e-2,
+            lr_decay=0.1,
+            num_particles=4,
+            seed=args.seed,
+            progress=False,
+            tol=None,
+        )
         diag = diagnose(eight_schools, guide, num_samples=draws, seed=args.seed)
-        rows.append({"guide": name, "seconds": round(time.perf_counter() - start, 1), "ELBO": round(diag.elbo, 2),
-                     "IWAE": round(diag.iwae, 2), "k_hat": round(diag.khat, 2), "reading": diag.reading})
+        rows.append(
+            {
+                "guide": name,
+                "seconds": round(time.perf_counter() - start, 1),
+                "ELBO": round(diag.elbo, 2),
+                "IWAE": round(diag.iwae, 2),
+                "k_hat": round(diag.khat, 2),
+                "reading": diag.reading,
+            }
+        )
         fitted[name] = guide
     table = pd.DataFrame(rows)
     print(table.to_string(index=False))

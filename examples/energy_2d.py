@@ -81,8 +81,16 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             fit(model, guide, num_steps=steps, num_particles=particles, seed=args.seed, progress=False, tol=None)
             seconds = time.perf_counter() - start
             diag = diagnose(model, guide, num_samples=1000 if args.quick else 10000, seed=args.seed)
-            rows.append({"energy": name, "guide": label, "steps": steps, "seconds": round(seconds, 1),
-                         "KL(q||p)": round(LOG_Z[name] - diag.elbo, 3), "k_hat": round(diag.khat, 2)})
+            rows.append(
+                {
+                    "energy": name,
+                    "guide": label,
+                    "steps": steps,
+                    "seconds": round(seconds, 1),
+                    "KL(q||p)": round(LOG_Z[name] - diag.elbo, 3),
+                    "k_hat": round(diag.khat, 2),
+                }
+            )
             panels[label] = density_on_grid(guide, zz)
         for ax, (title, density) in zip(axes[i], panels.items()):
             ax.imshow(density.reshape(GRID, GRID), extent=(-LIM, LIM, -LIM, LIM), origin="lower", cmap="viridis")

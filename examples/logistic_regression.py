@@ -71,11 +71,16 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         diag = diagnose(model, guide, x_tr, y_tr, num_samples=1000 if args.quick else 4000, seed=args.seed)
         p = predictive_probability(guide, x_tr, y_tr, x_te, 200 if args.quick else 1000).clamp(1e-6, 1 - 1e-6)
         log_score = (y_te * p.log() + (1 - y_te) * (-p).log1p()).mean()
-        rows.append({
-            "guide": name, "seconds": round(time.perf_counter() - start, 1), "ELBO": round(diag.elbo, 2),
-            "k_hat": round(diag.khat, 2), "test accuracy": round(float(((p > 0.5) == (y_te > 0.5)).float().mean()), 3),
-            "test log score": round(float(log_score), 3),
-        })
+        rows.append(
+            {
+                "guide": name,
+                "seconds": round(time.perf_counter() - start, 1),
+                "ELBO": round(diag.elbo, 2),
+                "k_hat": round(diag.khat, 2),
+                "test accuracy": round(float(((p > 0.5) == (y_te > 0.5)).float().mean()), 3),
+                "test log score": round(float(log_score), 3),
+            }
+        )
     table = pd.DataFrame(rows)
     print(f"{len(y_tr)} training / {len(y_te)} held-out patients, {x_tr.shape[1]} features")
     print(table.to_string(index=False))

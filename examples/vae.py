@@ -152,8 +152,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="binarized-MNIST .npz (default: sklearn load_digits, pixel > 7)")
     p.add_argument("--flow", choices=FAMILIES, default="none", help="posterior family (default: none)")
-    p.add_argument("--num-flows", type=int, default=None,
-                   help="layers (default: planar 10, iaf 2, sylvester 4, coupling 4, spline 4, cnf 1)")
+    p.add_argument(
+        "--num-flows",
+        type=int,
+        default=None,
+        help="layers (default: planar 10, iaf 2, sylvester 4, coupling 4, spline 4, cnf 1)",
+    )
     p.add_argument("--latent-dim", type=int, default=64)
     p.add_argument("--hidden", type=int, default=300, help="width H of encoder and decoder layers")
     p.add_argument("--epochs", type=int, default=10)
@@ -162,19 +166,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-size", type=int, default=None, help="use the first N training images")
     p.add_argument("--test-size", type=int, default=None, help="evaluate the first N test images")
     p.add_argument("--iw-samples", type=int, default=5000, help="K, samples per image for -log p(x)")
-    p.add_argument("--train-seconds", type=float, default=None,
-                   help="wall-clock training budget, counted from the end of the first step: stop at the first step "
-                        "past it (--epochs is then a maximum)")
-    p.add_argument("--eval-seconds", type=float, default=None,
-                   help="evaluation budget: stop after the group of test images that passes it (fewer images)")
+    p.add_argument(
+        "--train-seconds",
+        type=float,
+        default=None,
+        help="wall-clock training budget, counted from the end of the first step: stop at the first step "
+        "past it (--epochs is then a maximum)",
+    )
+    p.add_argument(
+        "--eval-seconds",
+        type=float,
+        default=None,
+        help="evaluation budget: stop after the group of test images that passes it (fewer images)",
+    )
     p.add_argument("--eval-chunk", type=int, default=20000, help="rows of z per evaluation pass (memory bound)")
     p.add_argument("--cnf-tol", type=float, default=1e-3, help="rtol = atol of the CNF's ODE solver")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="CI smoke run: 256 train / 64 test images, 1 epoch, K=100")
-    p.add_argument("--nproc", type=int, default=1,
-                   help="data-parallel processes (re-launches through torch.distributed.run; the global batch stays "
-                        "--batch-size, split across the processes)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes (re-launches through torch.distributed.run; the global batch stays "
+        "--batch-size, split across the processes)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.batch_size, args.iw_samples = 1, 64, 100
@@ -196,9 +212,16 @@ def _train_data_parallel(vae: VAE, train: Tensor, args: argparse.Namespace, log)
     indices = torch.arange(n)
     sampler = DistributedSampler(indices, seed=args.seed, drop_last=True)
     loader = DataLoader(indices, batch_size=max(1, args.batch_size // world), sampler=sampler)
-    result = fit(lambda idx: vae.model(train, idx.to(train.device)), lambda idx: vae.guide(train, idx.to(train.device)),
-                 batches=loader, num_steps=args.epochs * len(loader), lr=args.lr, tol=None, seed=args.seed,
-                 progress=False)
+    result = fit(
+        lambda idx: vae.model(train, idx.to(train.device)),
+        lambda idx: vae.guide(train, idx.to(train.device)),
+        batches=loader,
+        num_steps=args.epochs * len(loader),
+        lr=args.lr,
+        tol=None,
+        seed=args.seed,
+        progress=False,
+    )
     history = result.history
     epoch_of = (history["step"] - 1) // len(loader)
     per_epoch = history.groupby(epoch_of)

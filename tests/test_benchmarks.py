@@ -142,11 +142,35 @@ def test_neutra_quick(bench, tmp_path, monkeypatch):
 def test_vae_merge_replaces_same_family_rows_and_keeps_the_rest(bench, tmp_path, monkeypatch):
     vae = bench("vae")
     monkeypatch.setattr(vae, "HERE", str(tmp_path))
-    row = dict(data=None, device="cpu", threads=1, train_size=10, epochs=1, batch_size=5, lr=1e-3, latent_dim=2,
-               hidden=4, test_size=5, iw_samples=3, seed=0, date="2026-11-25", num_flows=1, parameters=9,
-               train_neg_elbo=1.0, test_neg_elbo=1.0, test_nll=1.0, sec_per_epoch=0.1, eval_seconds=1.0)
-    runs = iter([[dict(row, flow="none"), dict(row, flow="planar")], [dict(row, flow="planar", test_nll=0.5)],
-                 [dict(row, flow="spline")]])
+    row = dict(
+        data=None,
+        device="cpu",
+        threads=1,
+        train_size=10,
+        epochs=1,
+        batch_size=5,
+        lr=1e-3,
+        latent_dim=2,
+        hidden=4,
+        test_size=5,
+        iw_samples=3,
+        seed=0,
+        date="2026-11-25",
+        num_flows=1,
+        parameters=9,
+        train_neg_elbo=1.0,
+        test_neg_elbo=1.0,
+        test_nll=1.0,
+        sec_per_epoch=0.1,
+        eval_seconds=1.0,
+    )
+    runs = iter(
+        [
+            [dict(row, flow="none"), dict(row, flow="planar")],
+            [dict(row, flow="planar", test_nll=0.5)],
+            [dict(row, flow="spline")],
+        ]
+    )
     monkeypatch.setattr(vae, "run", lambda args: next(runs))
     doc = str(tmp_path / "bench.md")
     vae.main(["--doc", doc])

@@ -121,8 +121,19 @@ def test_diagnose_rereads_the_run(fitted, capsys):
 
 
 def test_resume_continues_the_checkpoint(files, tmp_path, capsys):
-    common = ["fit", f"{files}/models.py:regression", "--data", f"{files}/data.csv", "--guide", "normal",
-              "--out", tmp_path, "--samples", "16", "--quiet"]
+    common = [
+        "fit",
+        f"{files}/models.py:regression",
+        "--data",
+        f"{files}/data.csv",
+        "--guide",
+        "normal",
+        "--out",
+        tmp_path,
+        "--samples",
+        "16",
+        "--quiet",
+    ]
     assert run([*common, "--steps", "20"], capsys)[0] == 0
     first = pd.read_csv(tmp_path / "elbo.csv")
     assert run([*common, "--steps", "35", "--resume"], capsys)[0] == 0
@@ -166,8 +177,7 @@ CASES = [
     ("missing module", ["no_such_module_xyz:model"], 2, ["no module named 'no_such_module_xyz'"]),
     ("missing function", ["{r}/models.py:nope"], 2, ["no function 'nope'", "regression"]),
     ("not a function", ["{r}/models.py:NOT_A_FUNCTION"], 2, ["not a function"]),
-    ("unparseable cell", ["{r}/models.py:regression", "--data", "{r}/bad_cell.csv"], 2,
-     ["line 3, column 2", "'abc'"]),
+    ("unparseable cell", ["{r}/models.py:regression", "--data", "{r}/bad_cell.csv"], 2, ["line 3, column 2", "'abc'"]),
     ("ragged row", ["{r}/models.py:regression", "--data", "{r}/ragged.csv"], 2, ["line 3", "1 fields"]),
     ("bad header", ["{r}/models.py:regression", "--data", "{r}/bad_header.csv"], 2, ["line 1, column 2"]),
     ("nan in csv", ["{r}/models.py:regression", "--data", "{r}/nan.csv"], 2, ["line 4, column 2", "finite"]),
@@ -182,14 +192,22 @@ CASES = [
     ("extra data", ["{r}/models.py:no_latent", "--data", "{r}/data.csv"], 2, ["'x' is not a parameter"]),
     ("unknown guide", ["{r}/models.py:regression", "--guide", "maf"], 2, ["invalid choice: 'maf'"]),
     ("negative steps", ["{r}/models.py:regression", "--steps", "-5"], 2, ["--steps", "positive integer"]),
-    ("flows for cnf", ["{r}/models.py:regression", "--data", "{r}/data.csv", "--guide", "cnf", "--flows", "3"], 2,
-     ["--flows"]),
+    (
+        "flows for cnf",
+        ["{r}/models.py:regression", "--data", "{r}/data.csv", "--guide", "cnf", "--flows", "3"],
+        2,
+        ["--flows"],
+    ),
     ("no latent", ["{r}/models.py:no_latent", "--data", "{r}/y.json"], 1, ["no latent"]),
     ("discrete latent", ["{r}/models.py:discrete", "--data", "{r}/y.json"], 1, ["'k' is discrete", "Bernoulli"]),
     ("model raises", ["{r}/models.py:broken", "--data", "{r}/y.json"], 1, ["RuntimeError: shapes do not match"]),
     ("nan guard", ["{r}/models.py:nan_density", "--guide", "normal"], 1, ["non-finite loss", "step 1"]),
-    ("lr too large", ["{r}/models.py:fixed_scale", "--data", "{r}/data.csv", "--guide", "planar", "--flows", "2",
-                      "--lr", "1000"], 1, ["non-finite", "try lowering lr by 10x (lr="]),
+    (
+        "lr too large",
+        ["{r}/models.py:fixed_scale", "--data", "{r}/data.csv", "--guide", "planar", "--flows", "2", "--lr", "1000"],
+        1,
+        ["non-finite", "try lowering lr by 10x (lr="],
+    ),
 ]
 
 
@@ -215,8 +233,10 @@ def test_a_syntax_error_in_the_model_file_names_its_line_once(files, tmp_path, c
 
 
 def test_traceback_flag_shows_the_cause(files, tmp_path, capsys):
-    code, _, err = run(["fit", f"{files}/models.py:broken", "--data", f"{files}/y.json", "--out", tmp_path,
-                        "--traceback", *FAST], capsys)
+    code, _, err = run(
+        ["fit", f"{files}/models.py:broken", "--data", f"{files}/y.json", "--out", tmp_path, "--traceback", *FAST],
+        capsys,
+    )
     assert code == 1 and "Traceback" in err and "shapes do not match" in err
 
 
@@ -243,15 +263,28 @@ def test_interrupted_fit_points_to_resume(files, tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(vi_flows.training, "fit", interrupted)
-    code, _, err = run(["fit", f"{files}/models.py:regression", "--data", f"{files}/data.csv", "--out", tmp_path,
-                        *FAST], capsys)
+    code, _, err = run(
+        ["fit", f"{files}/models.py:regression", "--data", f"{files}/data.csv", "--out", tmp_path, *FAST], capsys
+    )
     assert code == 130 and "interrupted" in err and "--resume" in err and "Traceback" not in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_without_a_gpu_is_a_usage_error(files, tmp_path, capsys):
-    code, _, err = run(["fit", f"{files}/models.py:regression", "--data", f"{files}/data.csv", "--device", "cuda",
-                        "--out", tmp_path, *FAST], capsys)
+    code, _, err = run(
+        [
+            "fit",
+            f"{files}/models.py:regression",
+            "--data",
+            f"{files}/data.csv",
+            "--device",
+            "cuda",
+            "--out",
+            tmp_path,
+            *FAST,
+        ],
+        capsys,
+    )
     assert code == 2 and "CUDA is not available" in err
 
 
@@ -260,8 +293,24 @@ def test_fit_with_two_processes(files, tmp_path):
     import subprocess
     import sys
 
-    argv = [sys.executable, "-m", "vi_flows", "fit", f"{files}/models.py:regression", "--data", f"{files}/data.csv",
-            "--guide", "planar", "--flows", "2", "--nproc", "2", "--out", str(tmp_path / "run"), *FAST]
+    argv = [
+        sys.executable,
+        "-m",
+        "vi_flows",
+        "fit",
+        f"{files}/models.py:regression",
+        "--data",
+        f"{files}/data.csv",
+        "--guide",
+        "planar",
+        "--flows",
+        "2",
+        "--nproc",
+        "2",
+        "--out",
+        str(tmp_path / "run"),
+        *FAST,
+    ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((tmp_path / "run" / "diagnostics.json").read_text())

@@ -63,7 +63,7 @@ def _moments(guide, y, n=20000):
 )
 def test_conjugate_posterior_moments(make, lr):
     torch.manual_seed(0)
-    y = (A @ torch.tensor([0.5, -1.0, 1.5], dtype=torch.float64) + NOISE * torch.randn(5, 4, dtype=torch.float64))
+    y = A @ torch.tensor([0.5, -1.0, 1.5], dtype=torch.float64) + NOISE * torch.randn(5, 4, dtype=torch.float64)
     mean, cov = exact_posterior(y)
     sd = cov.diagonal().sqrt()
 

@@ -233,13 +233,21 @@ def test_a_crash_mid_run_leaves_the_last_checkpoint_and_resume_continues_it(tmp_
     path = tmp_path / "ckpt.pt"
     pyro.clear_param_store()
     with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(model, AutoPlanar(model, num_flows=2), num_steps=40, seed=3, progress=False, tol=None,
-            checkpoint=path, checkpoint_every=10, callbacks=[crash_at_25])
+        fit(
+            model,
+            AutoPlanar(model, num_flows=2),
+            num_steps=40,
+            seed=3,
+            progress=False,
+            tol=None,
+            checkpoint=path,
+            checkpoint_every=10,
+            callbacks=[crash_at_25],
+        )
     state = torch.load(path, weights_only=True)  # intact, and no pickled code needed to read it
     assert state["step"] == 20
     pyro.clear_param_store()
-    resumed = fit(model, AutoPlanar(model, num_flows=2), num_steps=40, seed=3, progress=False, tol=None,
-                  resume=path)
+    resumed = fit(model, AutoPlanar(model, num_flows=2), num_steps=40, seed=3, progress=False, tol=None, resume=path)
     pyro.clear_param_store()
     straight = fit(model, AutoPlanar(model, num_flows=2), num_steps=40, seed=3, progress=False, tol=None)
     # exact resume: the crashed-and-resumed run is the uninterrupted one, step for step

@@ -13,8 +13,10 @@ FAMILIES = [Planar, Radial]
 def test_stacks_equal_their_layers_composed():
     """PlanarStack/RadialStack (packed parameters) compute exactly the composed single layers."""
     torch.manual_seed(7)
-    for stack_cls, layer_cls, names in [(PlanarStack, Planar, ("u", "w", "b")),
-                                        (RadialStack, Radial, ("x0", "alpha_raw", "beta_raw"))]:
+    for stack_cls, layer_cls, names in [
+        (PlanarStack, Planar, ("u", "w", "b")),
+        (RadialStack, Radial, ("x0", "alpha_raw", "beta_raw")),
+    ]:
         packed = stack_cls(3, 4).double()
         with torch.no_grad():
             for p in packed.parameters():

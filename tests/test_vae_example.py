@@ -80,8 +80,13 @@ def test_vae_with_two_processes(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "examples" / "vae.py"
-    done = subprocess.run([sys.executable, str(script), "--quick", "--flow", "iaf", "--nproc", "2"],
-                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick", "--flow", "iaf", "--nproc", "2"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
     assert sum("train -ELBO" in line for line in lines) == 1  # one epoch, logged by rank 0 only

@@ -85,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--device", help="torch device for the data and guide, e.g. cuda (default: cpu)")
     fit.add_argument("--seed", type=int, help="random seed (default: 0)")
     fit.add_argument(
-        "--nproc", type=_positive_int, default=1,
+        "--nproc",
+        type=_positive_int,
+        default=1,
         help="data-parallel processes on this machine (re-launches itself through torch.distributed.run)",
     )
     fit.add_argument("--out", default="vi_flows_run", help="run folder (default: ./vi_flows_run)")

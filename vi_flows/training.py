@@ -585,9 +585,7 @@ def _minibatches(model: Callable, batches: Iterable | None, kwargs: dict) -> Ite
         return batches
     if batches is not None:
         raise ValueError("batches= and data= were both given; data= is the former name of batches=")
-    warnings.warn(
-        "fit(data=...) for minibatches is deprecated: pass them as batches=...", FutureWarning, stacklevel=3
-    )
+    warnings.warn("fit(data=...) for minibatches is deprecated: pass them as batches=...", FutureWarning, stacklevel=3)
     return kwargs.pop("data")
 
 

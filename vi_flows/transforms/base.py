@@ -42,8 +42,15 @@ def check_hidden_dims(hidden_dims: Iterable[int], name: str = "hidden_dims") -> 
     return hidden
 
 
-ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "silu": nn.SiLU, "gelu": nn.GELU,
-               "softplus": nn.Softplus, "leaky_relu": nn.LeakyReLU}
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "tanh": nn.Tanh,
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+    "softplus": nn.Softplus,
+    "leaky_relu": nn.LeakyReLU,
+}
 
 
 def activation_factory(activation: str | Callable[[], nn.Module], name: str = "activation") -> Callable[[], nn.Module]:
