@@ -281,10 +281,20 @@ def saved_tensor_mb(fn: Callable) -> float:
 DOCS = os.path.join(os.path.dirname(HERE), "docs", "benchmarks.md")
 DOCS_HEADER = """# Benchmarks
 
-Side-by-side benchmarks of vi_flows guides against Pyro's own autoguides and zuko (issue 6). Each script in
-`benchmarks/` has `--quick` (CI smoke run, seconds) and writes JSON/markdown/PNG to `benchmarks/results/`
-(`--out`); `--docs` also replaces its own block below.
+Measurements of vi_flows guides against Pyro's own autoguides and zuko. Each section below is written by its
+script in `benchmarks/` between `<!-- name:start -->` and `<!-- name:end -->` markers; run the command at the top
+of a section to regenerate it. `--quick` is a CI smoke run (seconds) that leaves this file alone.
 """
+
+
+def conditions(info: dict) -> str:
+    """The one line of conditions under a docs table, from a result's ``machine`` record (:func:`machine`)."""
+    gpu = f", GPU {info['gpu']}" if info.get("gpu") else ""
+    zuko = f", zuko {info['zuko']}" if info.get("zuko") else ""
+    return (
+        f"Machine: {info['cpu_count']} CPU cores ({info['cpu']}){gpu}, {info['torch_threads']} torch thread(s) per "
+        f"process; Python {info['python']}, torch {info['torch']}, pyro {info['pyro']}{zuko}."
+    )
 
 
 def update_docs(block: str, text: str, path: str = DOCS) -> None:

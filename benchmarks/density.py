@@ -29,7 +29,16 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import interleaved_ms, machine, parser, save_json, setup, zuko_available  # noqa: E402
+from _common import (  # noqa: E402
+    conditions,
+    interleaved_ms,
+    machine,
+    parser,
+    save_json,
+    setup,
+    update_docs,
+    zuko_available,
+)
 
 import vi_flows  # noqa: E402
 from vi_flows.density import FlowDensity, evaluate_nll  # noqa: E402
@@ -255,6 +264,46 @@ def speed(steps: int = 40, repeats: int = 5, dims: tuple[int, ...] = (2, 64), sk
     return rows
 
 
+DOCS_MODELS = (
+    "vi_flows MAF: `maf_stack(d, 5, (128, 128))`, a random autoregressive order per layer in 64-D (the two "
+    "reversed orders in 2-D), the last MADE layer zero-initialized. RealNVP: `coupling_stack(d, 5, (128, 128), "
+    "linear=False, interleave=True)` (odd/even halves, zuko's masks); the second RealNVP row puts an "
+    "`InvertibleLinear` before every coupling (first/last halves). NSF: `spline_stack(d, 5, (128, 128), bins=8)`, "
+    "rational-quadratic spline couplings on [−5, 5] with odd/even halves alternating, the last layer "
+    "zero-initialized; zuko's NSF is autoregressive (every layer transforms all coordinates), so in 2-D it applies "
+    "twice as many splines. The moons law's own entropy is about 0.289 nats."
+)
+
+
+def docs_text(rows: list[dict], seeds: list[int], steps: int, skip: list[str], patience: int | None, info: dict) -> str:
+    """The ``density`` block of ``docs/benchmarks.md``."""
+    command = f"python benchmarks/density.py --seeds {' '.join(map(str, seeds))}" + (
+        f" --patience {patience}" if patience else " --patience 0"
+    )
+    command += (f" --skip {' '.join(skip)}" if skip else "") + " --docs"
+    about = (
+        f"Test NLL (nats per example, original units; mean ± sd over seeds {', '.join(map(str, seeds))}: each seed "
+        "draws its own data, split, initialization and batches) / median ms per training step (rows run one after "
+        "another: compare speeds with `--speed`). Protocol in the script's docstring: 5 layers of hidden (128, 128), "
+        f"Adam 1e-3, batch 256, at most {steps} steps, test NLL at the best held-out step"
+        + (
+            f"; vi_flows rows stop early on held-out NLL (patience {patience}; mean steps run in parentheses)."
+            if patience
+            else "; every row runs all steps (steps in parentheses)."
+        )
+    )
+    return "\n\n".join(
+        [
+            "## Density estimation (`benchmarks/density.py`)",
+            f"```bash\n{command}\n```",
+            about,
+            conditions(info),
+            table(rows),
+            DOCS_MODELS,
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--data", choices=["moons", "digits", "both"], default="both")
@@ -284,24 +333,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(md)
     save_json(dict(machine=machine(), seeds=seeds, rows=rows), os.path.join(args.out, f"density{tag}.json"))
     if args.docs:
-        from neutra import write_docs_block
-
-        text = (
-            "## Density estimation (`benchmarks/density.py`)\n\n"
-            f"Test NLL (nats per example, original units; mean ± sd over seeds {', '.join(map(str, seeds))}) / "
-            "median ms per training step, one CPU thread on a shared 2-core machine (ms/step noisy: compare "
-            "speeds with --speed). Protocol in the script's docstring, run with at most "
-            f"{args.steps} steps"
-            + (f", skipping {', '.join(args.skip)}" if args.skip else "")
-            + (
-                f"; vi_flows rows stop early on held-out NLL (patience {patience}; mean steps run in parentheses)"
-                if patience
-                else "; every row runs all steps"
-            )
-            + ". The moons law's own entropy is about 0.289 nats.\n\n"
-            + md
-        )
-        write_docs_block(text, "density")
+        update_docs("density", docs_text(rows, seeds, args.steps, args.skip, patience, machine()))
     return rows
 
 

@@ -17,10 +17,9 @@ import sys
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine, parser, save_json, setup  # noqa: E402
+from _common import conditions, machine, parser, save_json, setup, update_docs  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = os.path.join(ROOT, "docs", "benchmarks.md")
 
 
 def _example():
@@ -30,28 +29,23 @@ def _example():
     return module
 
 
-def write_docs_block(markdown: str, name: str, path: str = DOCS) -> None:
-    """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` (appended if missing)."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    block = f"{start}\n{markdown.rstrip()}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def render(out: pd.DataFrame, fit_steps: int, warmup: int, samples: int, depth: int) -> str:
+def render(out: pd.DataFrame, fit_steps: int, warmup: int, samples: int, depth: int, info: dict | None = None) -> str:
+    """The ``neutra`` block of ``docs/benchmarks.md`` (``info``: the run's :func:`_common.machine` record)."""
     lines = [
         "## NeuTra-HMC (`benchmarks/neutra.py`)",
         "",
-        f"One chain, {warmup} warmup + {samples} draws, max tree depth {depth}; flow guides fitted for "
-        f"{fit_steps} steps (8 particles, Adam 1e-2). One CPU thread on a shared, overloaded 2-core machine: "
-        "times are noisy (about ±30 %). `min bulk ESS` is the smallest ArviZ bulk ESS over all scalar latents; "
-        "`ESS/s` divides it by the NUTS time (warmup included, VI fit excluded).",
+        "```bash",
+        f"python benchmarks/neutra.py --fit-steps {fit_steps} --warmup {warmup} --samples {samples} --docs",
+        "```",
         "",
+        f"One chain, {warmup} warmup + {samples} draws, max tree depth {depth}; flow guides fitted for "
+        f"{fit_steps} steps (8 particles, Adam 1e-2). `min bulk ESS` is the smallest ArviZ bulk ESS over all scalar "
+        "latents; `ESS/s` divides it by the NUTS time (warmup included, VI fit excluded); `fit s`: the VI fit.",
+        "",
+    ]
+    if info:
+        lines += [conditions(info) + " Times on a shared machine move by about ±30 %.", ""]
+    lines += [
         "| model | sampler | divergences | min bulk ESS | NUTS s | ESS/s | fit s |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -98,7 +92,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         os.path.join(args.out, f"neutra{tag}.json"),
     )
     if args.docs:
-        write_docs_block(render(out, fit_steps, warmup, samples, depth), "neutra")
+        update_docs("neutra", render(out, fit_steps, warmup, samples, depth, machine()))
     return out
 
 

@@ -49,8 +49,9 @@ sys.path.insert(0, HERE)
 import _common as C  # noqa: E402
 
 import vi_flows  # noqa: E402
+from vi_flows.families import FAMILIES, NAMES  # noqa: E402
 
-VI_GUIDES = ("vi:normal", "vi:planar", "vi:radial", "vi:iaf", "vi:nsf", "vi:realnvp", "vi:sylvester", "vi:cnf")
+VI_GUIDES = tuple(f"vi:{name}" for name in NAMES)
 GUIDES = VI_GUIDES + ("pyro:mvn", "pyro:iaf", "nuts")
 QUICK_POSTERIORS = ("mesquite", "sblrc")
 QUICK_STEPS = 50
@@ -70,14 +71,8 @@ def ports() -> types.ModuleType:
 # ----------------------------------------------------------------------------------------------------------- guides
 def _vi_factories() -> dict[str, Callable]:
     return {
-        "vi:normal": vi_flows.AutoFlow,  # no transforms: the diagonal Gaussian base alone
-        "vi:planar": vi_flows.AutoPlanar,
-        "vi:radial": vi_flows.AutoRadial,
-        "vi:iaf": vi_flows.AutoIAF,
-        "vi:nsf": vi_flows.AutoNSF,
-        "vi:realnvp": vi_flows.AutoRealNVP,
-        "vi:sylvester": vi_flows.AutoSylvester,
-        "vi:cnf": vi_flows.AutoCNF,
+        # vi:normal is AutoFlow with no transforms: the diagonal Gaussian base alone
+        **{f"vi:{name}": family.guide for name, family in FAMILIES.items()},
         "pyro:mvn": AutoMultivariateNormal,
         "pyro:iaf": AutoIAFNormal,
     }
@@ -263,7 +258,7 @@ def summary_lines(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def docs_text(md: str, summary: str, command: str) -> str:
+def docs_text(md: str, summary: str, command: str, info: dict | None = None) -> str:
     """The ``posteriordb`` block of ``docs/benchmarks.md``: the command, the per-guide summary and the table."""
     return (
         "## posteriordb: guides fitted with `fit`'s defaults against gold-standard draws "
@@ -271,8 +266,9 @@ def docs_text(md: str, summary: str, command: str) -> str:
         f"```bash\n{command}\n```\n\n"
         f"Accurate: max |mean error| / sd < {MEAN_TOL} and every sd ratio in [{SD_RANGE[0]}, {SD_RANGE[1]}] "
         "(per Stan scalar parameter, constrained space, against posteriordb's reference draws). NUTS is "
-        "Pyro's, one chain, scored the same way.\n\n"
-        f"{summary}\n\n{md}\n"
+        "Pyro's, one chain, scored the same way. **max W1/sd**: largest 1-Wasserstein distance between guide and "
+        "reference draws over the parameters, in posterior sds; **k̂**: PSIS Pareto shape; **steps**: where `fit`'s "
+        "stopping rule ended.\n\n" + (f"{C.conditions(info)}\n\n" if info else "") + f"{summary}\n\n{md}\n"
     )
 
 
@@ -284,7 +280,7 @@ def write_outputs(result: dict, args: argparse.Namespace) -> str:
     with open(os.path.join(args.out, "posteriordb.md"), "w") as f:
         f.write(lines + "\n\n" + md + "\n")
     if not (args.quick or args.no_docs):
-        C.update_docs("posteriordb", docs_text(md, lines, result["command"]))
+        C.update_docs("posteriordb", docs_text(md, lines, result["command"], result.get("machine")))
     return lines + "\n\n" + md
 
 

@@ -316,6 +316,47 @@ def table(result: dict) -> str:
     return md + "".join(f"\n\n{n}" for n in notes)
 
 
+DOCS_ABOUT = (
+    "ms per SVI step (`Trace_ELBO`, vectorized particles, Adam) of each vi_flows guide (**vi**) and its **peer** of "
+    "the same family and size (the pairs are listed in the script's docstring), and of the **floor**: the same "
+    "flow in plain torch (draw, forward + log-det, `log p`, backward, Adam; no Pyro). The model is "
+    "`z ~ N(0, diag(s²))` with s spread over [0.5, 2], so the guide dominates. The three of a row run in one "
+    "process, interleaved in blocks after warm-up; medians over blocks. **ratio** = vi / peer (target ≤ 1.0), "
+    "**overhead** = vi / floor (target ≤ 1.5 for d ≥ 100). **MB**: distinct storage autograd saves for backward "
+    'in one step (activation memory; "–" where `torch.func.jacrev`, used by the exact CNF trace, refuses '
+    "saved-tensor hooks)."
+)
+
+
+def summary(result: dict) -> str:
+    """Per family: the range of vi / peer over every row and of vi / floor over the rows with d ≥ 100."""
+
+    def span(values: list[float]) -> str:
+        return f"{min(values):.2f}–{max(values):.2f}" if values else "–"
+
+    lines = ["| family | ratio vi / peer, all d and particles | overhead vi / floor, d ≥ 100 |", "|---|---|---|"]
+    for family in dict.fromkeys(r["family"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["family"] == family]
+        ratio = span([r["ratio"] for r in rows if r.get("ratio") is not None])
+        overhead = span([r["overhead"] for r in rows if r["d"] >= 100 and r.get("overhead") is not None])
+        lines.append(f"| {family} | {ratio} | {overhead} |")
+    return "\n".join(lines)
+
+
+def docs_text(result: dict) -> str:
+    """The ``speed`` block of ``docs/benchmarks.md``."""
+    return "\n\n".join(
+        [
+            "## Speed versus latent dimension (`benchmarks/speed.py`)",
+            "```bash\npython benchmarks/speed.py --docs      # d = 2, 10, 100, 1000; 1 and 16 particles\n```",
+            DOCS_ABOUT,
+            C.conditions(result["machine"]),
+            table(result),
+            summary(result),
+        ]
+    )
+
+
 GRIDS = {"gpu": ([10, 100, 1000], [1, 16, 256])}
 
 
@@ -352,6 +393,7 @@ def main(argv=None) -> dict:
     p.add_argument("--cnf-repeats", type=int, default=None)
     p.add_argument("--cnf-without-peer", action="store_true", help="without zuko, time AutoCNF anyway (no ratio)")
     p.add_argument("--budget", type=float, default=0, help="seconds; cells not started by then are listed as skipped")
+    p.add_argument("--docs", action="store_true", help="write the table into docs/benchmarks.md (block speed)")
     args = p.parse_args(argv)
     q = args.quick
     grid_dims, grid_particles = GRIDS.get(args.grid, (None, None))
@@ -376,6 +418,8 @@ def main(argv=None) -> dict:
     with open(os.path.join(args.out, "speed.md"), "w") as f:
         f.write(md + "\n")
     print(md)
+    if args.docs:
+        C.update_docs("speed", docs_text(result))
     return result
 
 

@@ -261,7 +261,7 @@ def test_loop_equals_vectorized_replay_on_a_vectorizable_model(monkeypatch):
     def not_vectorizable(*args, **kwargs):
         raise RuntimeError("forced for the test")
 
-    monkeypatch.setattr(diagnostics, "_draw_batched", not_vectorizable)
+    monkeypatch.setattr(diagnostics.replay, "_draw_batched", not_vectorizable)  # where _draw looks it up
     looped, record = _run(to_inference_data, rich_model, guide, y, num_samples=S, seed=0, posterior_predictive=True)
     assert _messages(record, LOOP) == [
         f"the model does not vectorize over draws (RuntimeError: forced for the test); drawing the {S} samples one "
