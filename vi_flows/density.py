@@ -122,6 +122,73 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
+def _check_fit_args(density: FlowDensity, data, num_steps, batch_size, eval_every, patience, lr) -> None:
+    if not isinstance(data, Tensor) or data.dim() != 2 or data.shape[1] != density.dim:
+        shape = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
+        raise ValueError(f"data must be a tensor of shape (N, {density.dim}), got {shape}")
+    _positive_int("num_steps", num_steps)
+    _positive_int("batch_size", batch_size)
+    _positive_int("eval_every", eval_every)
+    if patience is not None:
+        _positive_int("patience", patience)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < lr < math.inf):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+
+
+def _split(density: FlowDensity, data: Tensor, valid_data, valid_fraction, gen) -> tuple[Tensor, Tensor]:
+    """(held-out rows, training rows): ``valid_data`` and all of ``data``, or a random ``valid_fraction`` of it."""
+    like = density._like()
+    if valid_data is not None:
+        if not isinstance(valid_data, Tensor) or valid_data.dim() != 2 or valid_data.shape[1] != density.dim:
+            raise ValueError(f"valid_data must be a tensor of shape (M, {density.dim})")
+        return valid_data.to(dtype=like.dtype, device=like.device), data
+    if isinstance(valid_fraction, bool) or not isinstance(valid_fraction, (int, float)):
+        raise ValueError(f"valid_fraction must be a number in (0, 1), got {valid_fraction!r}")
+    n_valid = int(round(valid_fraction * data.shape[0]))
+    if not (0 < valid_fraction < 1) or n_valid < 1 or n_valid >= data.shape[0]:
+        raise ValueError(
+            f"valid_fraction must be in (0, 1) and leave at least one row on each side; got {valid_fraction!r} "
+            f"for {data.shape[0]} rows"
+        )
+    perm = torch.randperm(data.shape[0], generator=gen).to(data.device)
+    return data[perm[:n_valid]], data[perm[n_valid:]]
+
+
+class _Shuffled:
+    """Minibatches of ``batch_size`` rows without replacement, reshuffled when fewer than a batch are left."""
+
+    def __init__(self, rows: Tensor, batch_size: int, gen: torch.Generator | None):
+        self.rows, self.batch_size, self.gen = rows, min(batch_size, rows.shape[0]), gen
+        self.order, self.pos = self._perm(), 0
+
+    def _perm(self) -> Tensor:
+        return torch.randperm(self.rows.shape[0], generator=self.gen).to(self.rows.device)
+
+    def next(self) -> Tensor:
+        if self.pos + self.batch_size > self.rows.shape[0]:
+            self.order, self.pos = self._perm(), 0
+        self.pos += self.batch_size
+        return self.rows[self.order[self.pos - self.batch_size : self.pos]]
+
+
+class _Best:
+    """The best held-out NLL so far, its step and parameters; stop after ``patience`` evaluations without a better."""
+
+    def __init__(self, density: FlowDensity, patience: int | None):
+        self.density, self.patience = density, patience
+        self.nll, self.step, self.state = math.inf, 0, copy.deepcopy(density.state_dict())
+        self.since, self.stopped = 0, False
+
+    def update(self, nll: float, step: int) -> bool:
+        """Record an evaluation; whether to stop."""
+        if nll < self.nll:
+            self.nll, self.step, self.state, self.since = nll, step, copy.deepcopy(self.density.state_dict()), 0
+        else:
+            self.since += 1
+            self.stopped = self.patience is not None and self.since >= self.patience
+        return self.stopped
+
+
 def fit_density(
     flow: FlowDensity | FlowTransform | Sequence[FlowTransform],
     data: Tensor,
@@ -138,68 +205,45 @@ def fit_density(
 ) -> DensityFit:
     """Fit ``flow`` to the rows of ``data`` (shape ``(N, d)``) by maximum likelihood with Adam.
 
-    A random ``valid_fraction`` of the rows is held out (or ``valid_data``
-    is used), scored every ``eval_every`` steps; training stops once the
-    held-out NLL has not improved for ``patience`` evaluations (``None``:
-    run all ``num_steps``), and the parameters of the best evaluation are
-    restored. Early stopping is on by default: flows overfit small data
-    within a few hundred steps, after which the held-out NLL can grow without
-    bound. Returns a :class:`DensityFit`.
+    Each step lowers the minibatch NLL ``−(1/B) Σ_i log p(x_i)``. A random ``valid_fraction``
+    of the rows is held out (or ``valid_data`` is used), scored every ``eval_every`` steps;
+    training stops once the held-out NLL has not improved for ``patience`` evaluations, and
+    the parameters of the best evaluation are restored. Early stopping is on by default:
+    flows overfit small data within a few hundred steps, after which the held-out NLL can
+    grow without bound. The defaults are the protocol of ``benchmarks/density.py``.
+
+    Args:
+        num_steps: Adam steps at most; 3000, the benchmarks' budget.
+        batch_size: rows per step (at most ``N``); 256, the benchmarks' batch.
+        lr: Adam's learning rate; 1e-3, Adam's default (Kingma & Ba 2015) and the benchmarks'.
+        valid_fraction: share of ``data`` held out when ``valid_data`` is None; 0.1, a tenth spared for scoring.
+        valid_data: held-out rows ``(M, d)``; then all of ``data`` trains.
+        eval_every: steps between held-out scores; 100, the benchmarks' interval.
+        patience: evaluations without improvement before stopping; 10; ``None``: run all ``num_steps``.
+        seed: seeds the split and the minibatch order (and ``torch.manual_seed``); None: torch's stream.
+        progress: a tqdm bar.
+
+    Returns a :class:`DensityFit`.
     """
     density = flow if isinstance(flow, FlowDensity) else FlowDensity(flow)
-    if not isinstance(data, Tensor) or data.dim() != 2 or data.shape[1] != density.dim:
-        shape = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
-        raise ValueError(f"data must be a tensor of shape (N, {density.dim}), got {shape}")
-    _positive_int("num_steps", num_steps)
-    _positive_int("batch_size", batch_size)
-    _positive_int("eval_every", eval_every)
-    if patience is not None:
-        _positive_int("patience", patience)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < lr < math.inf):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    _check_fit_args(density, data, num_steps, batch_size, eval_every, patience, lr)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     if seed is not None:
         torch.manual_seed(seed)
     like = density._like()
-    data = data.to(dtype=like.dtype, device=like.device)
-    if valid_data is None:
-        if isinstance(valid_fraction, bool) or not isinstance(valid_fraction, (int, float)):
-            raise ValueError(f"valid_fraction must be a number in (0, 1), got {valid_fraction!r}")
-        n_valid = int(round(valid_fraction * data.shape[0]))
-        if not (0 < valid_fraction < 1) or n_valid < 1 or n_valid >= data.shape[0]:
-            raise ValueError(
-                f"valid_fraction must be in (0, 1) and leave at least one row on each side; got {valid_fraction!r} "
-                f"for {data.shape[0]} rows"
-            )
-        perm = torch.randperm(data.shape[0], generator=gen).to(data.device)
-        valid_data, train = data[perm[:n_valid]], data[perm[n_valid:]]
-    else:
-        if not isinstance(valid_data, Tensor) or valid_data.dim() != 2 or valid_data.shape[1] != density.dim:
-            raise ValueError(f"valid_data must be a tensor of shape (M, {density.dim})")
-        valid_data, train = valid_data.to(dtype=like.dtype, device=like.device), data
+    valid_data, train = _split(density, data.to(dtype=like.dtype, device=like.device), valid_data, valid_fraction, gen)
     params = list(density.parameters())
     if not params:
         raise ValueError("flow has no parameters to fit")
     optim = torch.optim.Adam(params, lr=lr)
-    n = train.shape[0]
-    batch_size = min(batch_size, n)
-
     rows: list[dict] = []
-    best = (math.inf, 0, copy.deepcopy(density.state_dict()))
-    since_best = 0
+    best = _Best(density, patience)
     running, count, elapsed = 0.0, 0, 0.0
-    stopped = False
     bar = tqdm(total=num_steps, disable=not progress, desc="fit_density")
-    step = 0
-    order = torch.randperm(n, generator=gen).to(train.device)
-    pos = 0
+    batches = _Shuffled(train, batch_size, gen)
     for step in range(1, num_steps + 1):
         start = time.perf_counter()
-        if pos + batch_size > n:
-            order, pos = torch.randperm(n, generator=gen).to(train.device), 0
-        batch = train[order[pos : pos + batch_size]]
-        pos += batch_size
-        loss = -density.log_prob(batch).mean()
+        loss = -density.log_prob(batches.next()).mean()
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()
@@ -212,18 +256,12 @@ def fit_density(
             rows.append(dict(step=step, train_nll=running / count, valid_nll=valid_nll, elapsed=elapsed))
             running, count = 0.0, 0
             bar.set_postfix(valid_nll=f"{valid_nll:.4g}")
-            if valid_nll < best[0]:
-                best = (valid_nll, step, copy.deepcopy(density.state_dict()))
-                since_best = 0
-            else:
-                since_best += 1
-                if patience is not None and since_best >= patience:
-                    stopped = True
-                    break
+            if best.update(valid_nll, step):
+                break
     bar.close()
-    density.load_state_dict(best[2])
+    density.load_state_dict(best.state)
     history = pd.DataFrame(rows, columns=["step", "train_nll", "valid_nll", "elapsed"])
-    return DensityFit(density, history, best[1], best[0], stopped, step, elapsed)
+    return DensityFit(density, history, best.step, best.nll, best.stopped, step, elapsed)
 
 
 @torch.no_grad()
