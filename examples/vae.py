@@ -48,9 +48,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from vi_flows import AmortizedFlow, fit
 from vi_flows.distributed import init, is_main, launched, relaunch
+from vi_flows.families import AMORTIZED_NAMES
 from vi_flows.transforms import ContinuousFlow
 
-FAMILIES = ("none", "planar", "iaf", "sylvester", "coupling", "spline", "cnf")
+FAMILIES = AMORTIZED_NAMES  # the registry's names, then the older aliases ("none", "coupling", "spline")
 DIGITS_TEST = 300
 
 

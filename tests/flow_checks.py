@@ -55,15 +55,6 @@ def grid_mass(flow, lim=6.0, n=400):
     return math.fsum((log_q.exp() * cell).tolist()), dist
 
 
-def check_gradients_reach_all(t, x):
-    y, ladj = t.call_and_ladj(x)
-    (y.square().sum() + ladj.sum()).backward()
-    for name, p in t.named_parameters():
-        assert p.grad is not None, f"no gradient for {name}"
-        assert torch.isfinite(p.grad).all(), name
-    assert any(p.grad.abs().sum() > 0 for p in t.parameters())
-
-
 def check_grid_density(flow, lim: float, n: int, tol: float = 1e-3):
     """A 2-D flow's density sums to 1 within ``tol`` on a grid, and ``log_prob`` of its draws agrees with theirs."""
     mass, dist = grid_mass(flow, lim=lim, n=n)

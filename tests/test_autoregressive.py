@@ -10,7 +10,7 @@ from vi_flows.transforms.base import ComposeFlow
 from vi_flows.transforms.permute import Permute, Reverse
 from vi_flows.transforms.stack import ConditionalComposeFlow, stack
 
-from .flow_checks import BATCH_SHAPES, check_gradients_reach_all, check_ladj, check_round_trip, grid_mass
+from .flow_checks import BATCH_SHAPES, check_ladj, check_round_trip, grid_mass
 
 DIMS = [1, 2, 5]
 
@@ -83,22 +83,6 @@ def test_inverse_is_differentiable_with_the_inverse_jacobian():
     y = t(x).detach()
     J_inv = jacobian(lambda v: t.inv(v), y)
     torch.testing.assert_close(J_inv, torch.linalg.inv(jacobian(lambda v: t(v), x)), atol=1e-10, rtol=1e-9)
-
-
-@pytest.mark.parametrize("d", [1, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_gradients_and_dtypes(d, dtype):
-    torch.manual_seed(0)
-    t = InverseAutoregressive(d).to(dtype)
-    x = torch.randn(6, d, dtype=dtype)
-    y, ladj = t.call_and_ladj(x)
-    assert y.dtype == dtype and ladj.dtype == dtype
-    check_gradients_reach_all(t, x)
-    if d > 1:  # with d = 1 the input weights are all masked: m, s are functions of the biases
-        for name, p in t.named_parameters():
-            assert p.grad.abs().sum() > 0, name
-    tol = 1e-5 if dtype == torch.float32 else 1e-12
-    assert (t.inv(y.detach().clone()) - x).abs().max() < tol
 
 
 def test_state_dict_and_deepcopy_round_trip():

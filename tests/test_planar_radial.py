@@ -5,7 +5,7 @@ from vi_flows.distributions import FlowDistribution, StandardNormal
 from vi_flows.transforms import ComposeFlow, Planar, PlanarStack, Radial, RadialStack
 
 from .conftest import cuda
-from .flow_checks import BATCH_SHAPES, check_gradients_reach_all, check_ladj, check_round_trip, grid_mass
+from .flow_checks import BATCH_SHAPES, check_ladj, check_round_trip, grid_mass
 
 FAMILIES = [Planar, Radial]
 
@@ -132,17 +132,6 @@ def test_stack_density_integrates_to_one(cls):
     # the cached log-density of samples equals the log-density recomputed through the inverses
     y, log_q = dist.rsample_and_log_prob((64,))
     torch.testing.assert_close(dist.log_prob(y.clone()), log_q, atol=1e-9, rtol=1e-9)
-
-
-@pytest.mark.parametrize("cls", FAMILIES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_gradients_and_dtypes(cls, dtype):
-    t = cls(3).to(dtype)
-    x = torch.randn(6, 3, dtype=dtype)
-    y, ladj = t.call_and_ladj(x)
-    assert y.dtype == dtype and ladj.dtype == dtype
-    check_gradients_reach_all(t, x)
-    assert (t.inv(y.detach().clone()) - x).abs().max() < (1e-4 if dtype == torch.float32 else 1e-10)
 
 
 def test_planar_inverse_gradient_matches_finite_differences():

@@ -10,7 +10,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-GUIDES = ("normal", "planar", "radial", "iaf", "realnvp", "sylvester", "nsf", "cnf")
+from .families import FAMILIES, NAMES
+
+#: ``--guide`` choices: the flow families' canonical names (:data:`vi_flows.families.NAMES`).
+GUIDES = NAMES
+
+
+def _flows_help() -> str:
+    """``--flows``' help: each flow-layer guide's default number of layers, from the registry."""
+    by_default: dict[int, list[str]] = {}
+    for name, family in FAMILIES.items():
+        if family.guide_num_flows is not None:
+            by_default.setdefault(family.guide_num_flows, []).append(name)
+    defaults = ", ".join(f"{'/'.join(names)}: {k}" for k, names in by_default.items())
+    return f"flow layers ({defaults})"
 
 
 def _positive_int(text: str) -> int:
@@ -72,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--guide", choices=GUIDES, help="guide family (default: iaf)")
     fit.add_argument("--steps", type=_positive_int, help="maximum SVI steps, counting a resumed run's (default: 2000)")
     fit.add_argument("--data", help=".csv (columns), .json (object) or .npz (arrays): keyword arguments of the model")
-    fit.add_argument("--flows", type=_positive_int, help="flow layers (planar/radial: 16, iaf: 2, others: 4)")
+    fit.add_argument("--flows", type=_positive_int, help=_flows_help())
     fit.add_argument("--lr", type=_positive_float, help="Adam learning rate (default: 0.01)")
     fit.add_argument("--particles", type=_positive_int, help="ELBO particles per step (default: 1)")
     fit.add_argument(
@@ -169,7 +182,3 @@ def _silence_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):  # no file descriptor (a captured stream): nothing left to flush
         pass
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,7 +23,7 @@ from pyro.infer.autoguide import AutoNormal
 
 from .diagnostics import diagnose
 from .energies import LOG_Z, energy_model, log_density
-from .guides import AutoCNF, AutoIAF, AutoNSF, AutoPlanar
+from .families import FAMILIES
 from .training import fit
 
 __all__ = ["eight_schools", "run_demo"]
@@ -46,13 +46,9 @@ def _guides(quick: bool) -> dict[str, tuple[Callable, int | None]]:
 
     The CNF solves an ODE per step, so it gets a fixed, smaller budget; ``quick`` caps every fit.
     """
-    return {
-        "AutoNormal": (AutoNormal, 500 if quick else None),
-        "AutoPlanar": (AutoPlanar, 500 if quick else None),
-        "AutoIAF": (AutoIAF, 500 if quick else None),
-        "AutoNSF": (AutoNSF, 500 if quick else None),
-        "AutoCNF": (AutoCNF, 100 if quick else 200),
-    }
+    flows = {FAMILIES[name].guide: 500 if quick else None for name in ("planar", "iaf", "nsf")}
+    flows[FAMILIES["cnf"].guide] = 100 if quick else 200
+    return {"AutoNormal": (AutoNormal, 500 if quick else None), **{g.__name__: (g, n) for g, n in flows.items()}}
 
 
 def _run(problem: str, model, guides, seed: int, progress: bool, log_z: float | None):

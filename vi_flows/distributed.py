@@ -220,9 +220,8 @@ def bind_to_cpus() -> list[int] | None:
     """Pin this process to local rank ``LOCAL_RANK``'s contiguous share of the CPUs it may use; return them.
 
     With one core per rank, an unpinned rank's gloo threads wake on whichever
-    core is free and every all-reduce waits for the scheduler: measured on a
-    2-core VM, a 2-rank all-reduce of 60 floats took 1.6 ms unpinned and
-    0.46 ms pinned. Does nothing (returns None) where the OS has no affinity
+    core is free and every all-reduce waits for the scheduler (pinned against
+    unpinned: ``docs/benchmarks.md``, scaling). Does nothing (returns None) where the OS has no affinity
     call or there are fewer CPUs than local ranks. Caps torch's intra-op
     threads at the share's size.
     """
@@ -330,8 +329,7 @@ class SyncTiming:
     After step ``last``, rank 0 warns once (:class:`SlowSyncWarning`, see
     :func:`sync_verdict`) when the median all-reduce makes data parallelism a
     loss: on a step of a small model the collective's fixed latency can cost
-    more than the compute it shares (measured: two processes at an equal global
-    batch gave 0.27-0.44x the examples/s of one). The first steps are left out
+    more than the compute it shares (``docs/benchmarks.md``, scaling). The first steps are left out
     (warm-up: allocations, lazy initialization).
     """
 

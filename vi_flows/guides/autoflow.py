@@ -23,18 +23,13 @@ from ..objectives import PathGradientDistribution, path_gradient_active
 from ..start import INITS, MAX_DENSE_DIM, laplace, pathfinder
 from ..transforms.affine import Affine, affine_call
 from ..transforms.base import ComposeFlow, FlowTransform
+from ..validate import check_choice, check_positive_float
 from .sites import SiteChecks
 from .summaries import Summaries
 
 __all__ = ["AutoFlow"]
 
 TransformsArg = Sequence[FlowTransform] | FlowTransform | Callable[[int], Sequence[FlowTransform] | FlowTransform]
-
-
-def _check_num_flows(num_flows: int) -> int:
-    if isinstance(num_flows, bool) or not isinstance(num_flows, int) or num_flows < 1:
-        raise ValueError(f"num_flows must be an integer >= 1, got {num_flows!r}")
-    return num_flows
 
 
 def _tensor_shapes(args, kwargs) -> tuple:
@@ -97,10 +92,9 @@ class AutoFlow(SiteChecks, Summaries, AutoContinuous):
         init: str | None = "auto",
         laplace_steps: int = 200,
     ):
-        if init_scale is not None and (not isinstance(init_scale, (int, float)) or not init_scale > 0):
-            raise ValueError(f"init_scale must be a positive float, got {init_scale!r}")
-        if base not in ("diag", "full"):
-            raise ValueError(f"base must be 'diag' or 'full', got {base!r}")
+        if init_scale is not None:
+            init_scale = check_positive_float(init_scale, "init_scale", example=0.1)
+        check_choice(base, ("diag", "full"), "base")
         if init not in INITS:
             raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
         if init == "auto" and (init_loc_fn is not None or init_scale is not None):

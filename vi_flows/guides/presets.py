@@ -5,10 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from functools import partial
 
-from ..transforms.base import FlowTransform, check_hidden_dims
+from ..transforms.autoregressive import affine_iaf_stack
+from ..transforms.base import FlowTransform
+from ..transforms.coupling import check_bound, coupling_stack
 from ..transforms.planar import STARTS, PlanarStack
 from ..transforms.radial import RadialStack
-from .autoflow import AutoFlow, _check_num_flows
+from ..transforms.spline import check_spline_options, spline_stack
+from ..transforms.sylvester import Sylvester
+from ..validate import check_choice, check_hidden_dims, check_positive_int
+from .autoflow import AutoFlow
 
 __all__ = ["AutoPlanar", "AutoRadial", "AutoIAF", "AutoCNF", "AutoRealNVP", "AutoSylvester", "AutoNSF"]
 
@@ -19,22 +24,19 @@ class AutoPlanar(AutoFlow):
     Cheap (O(d) per layer) and invertible by 1-D root finding; each layer bends
     the density along one hyperplane, so expressiveness grows slowly with
     ``num_flows``. Default 16: on the paper's 2-D energies KL keeps dropping up
-    to 16-32 layers (Rezende & Mohamed 2015, Fig. 3b) at well under a
-    millisecond per layer per step.
+    to 16-32 layers (Rezende & Mohamed 2015, Fig. 3b), each O(d).
 
     ``start="identity"`` (default) starts every layer at the identity, so the
     guide starts at its base Gaussian (``init_loc_fn``, ``init="laplace"``).
     ``start="random"`` draws ``u, w, b ~ U(−1/√d, 1/√d)`` as Pyro's planar
-    layers: the layers start bent in random directions, which on the paper's
-    multimodal energies lowered the 3-seed mean KL (U2 0.29 → 0.21, U3 0.67 →
-    0.58, U4 0.46 → 0.41; ``docs/benchmarks.md``). The bends are in absolute
-    units, so use it where the posterior's scale is about 1.
+    layers: the layers start bent in random directions, which helps on
+    multimodal targets (measured on the paper's energies: ``docs/benchmarks.md``).
+    The bends are in absolute units, so use it where the posterior's scale is about 1.
     """
 
     def __init__(self, model: Callable, num_flows: int = 16, *, start: str = "identity", **kwargs):
-        num_flows = _check_num_flows(num_flows)
-        if start not in STARTS:
-            raise ValueError(f"start must be one of {list(STARTS)}, got {start!r}")
+        num_flows = check_positive_int(num_flows, "num_flows")
+        check_choice(start, STARTS, "start")
         super().__init__(model, partial(PlanarStack, num_flows=num_flows, start=start), **kwargs)
 
 
@@ -46,7 +48,7 @@ class AutoRadial(AutoFlow):
     """
 
     def __init__(self, model: Callable, num_flows: int = 16, **kwargs):
-        num_flows = _check_num_flows(num_flows)
+        num_flows = check_positive_int(num_flows, "num_flows")
         super().__init__(model, partial(RadialStack, num_flows=num_flows), **kwargs)
 
 
@@ -62,9 +64,7 @@ class AutoIAF(AutoFlow):
     """
 
     def __init__(self, model: Callable, num_flows: int = 2, hidden_dims: Sequence[int] | None = None, **kwargs):
-        from ..transforms.autoregressive import affine_iaf_stack
-
-        num_flows = _check_num_flows(num_flows)
+        num_flows = check_positive_int(num_flows, "num_flows")
         if hidden_dims is not None:
             hidden_dims = check_hidden_dims(hidden_dims)
         super().__init__(model, partial(affine_iaf_stack, num_flows=num_flows, hidden_dims=hidden_dims), **kwargs)
@@ -80,7 +80,8 @@ class AutoCNF(AutoFlow):
     estimator above it. Check ``guide.flow[0].nfe`` to tune tolerances.
     ``gradient`` (``"backprop"``, ``"checkpoint"``, ``"adjoint"``) and
     ``trace_weight``: see :class:`~vi_flows.transforms.ContinuousFlow`;
-    ``"checkpoint"`` trades 1.4-1.5x the time for the memory of one solver step.
+    ``"checkpoint"`` trades time for the memory of one solver step. ``adjoint``: deprecated,
+    use ``gradient="adjoint"``.
     """
 
     def __init__(
@@ -91,17 +92,25 @@ class AutoCNF(AutoFlow):
         solver: str = "dopri5",
         rtol: float = 1e-5,
         atol: float = 1e-5,
-        adjoint: bool = False,
+        adjoint: bool | None = None,
         *,
         gradient: str | None = None,
         trace_weight: float = 1.0,
         **kwargs,
     ):
-        from ..transforms.continuous import ContinuousFlow
+        from ..transforms.continuous import ContinuousFlow, check_options  # lazy: torchdiffeq loads on first use
 
-        options = dict(hidden_dims=hidden_dims, trace=trace, solver=solver, rtol=rtol, atol=atol, adjoint=adjoint)
-        options.update(gradient=gradient, trace_weight=trace_weight)
-        ContinuousFlow(1, **options)  # validate the options now, not at the first step
+        options = check_options(
+            hidden_dims,
+            trace=trace,
+            solver=solver,
+            rtol=rtol,
+            atol=atol,
+            gradient=gradient,
+            adjoint=adjoint,
+            trace_weight=trace_weight,
+            _stacklevel=4,
+        )
         super().__init__(model, partial(ContinuousFlow, **options), **kwargs)
 
 
@@ -126,9 +135,7 @@ class AutoRealNVP(AutoFlow):
         log_scale_bound: float = 3.0,
         **kwargs,
     ):
-        from ..transforms.coupling import check_bound, coupling_stack
-
-        num_flows = _check_num_flows(num_flows)
+        num_flows = check_positive_int(num_flows, "num_flows")
         hidden_dims = check_hidden_dims(hidden_dims)
         log_scale_bound = check_bound(log_scale_bound)
         make = partial(
@@ -152,17 +159,14 @@ class AutoSylvester(AutoFlow):
     """
 
     def __init__(self, model: Callable, num_flows: int = 4, num_householder: int | None = None, **kwargs):
-        from ..transforms.sylvester import Sylvester
-
-        num_flows = _check_num_flows(num_flows)
-        Sylvester(1, num_householder=num_householder)  # validate now, not at the first step
+        num_flows = check_positive_int(num_flows, "num_flows")
+        if num_householder is not None:
+            check_positive_int(num_householder, "num_householder")
         make = partial(_sylvester_layers, num_flows=num_flows, num_householder=num_householder)  # picklable
         super().__init__(model, make, **kwargs)
 
 
 def _sylvester_layers(dim: int, num_flows: int, num_householder: int | None) -> list[FlowTransform]:
-    from ..transforms.sylvester import Sylvester
-
     return [Sylvester(dim, num_householder=num_householder) for _ in range(num_flows)]
 
 
@@ -182,10 +186,8 @@ class AutoNSF(AutoFlow):
 
     Unlike the other presets the flow acts *before* the base's affine map, on the noise: a spline bends
     only inside its fixed window ``[−bound, bound]``, which covers ``ε`` whatever the posterior's location
-    and scale. After the map it covers ``z`` only near the origin at unit scale. KL to a 2-D banana (the
-    best diagonal Gaussian: 0.77 nats), median of 5 seeds, 400 steps, 2 layers of hidden ``(32,)``, noise
-    side against ``z`` side: 0.20 against 0.19 at the origin at unit scale; 0.18 against 1.35 moved to
-    ``(20, 20)`` (outside the window); 0.26 against 78 shrunk to scale 0.05 (inside one bin).
+    and scale. After the map it would cover ``z`` only near the origin at unit scale (the measurement:
+    ``CHANGELOG.md``, measurements history).
 
     Defaults: 4 layers of hidden ``(64, 64)``, 8 bins, ``bound = 5`` (``ε`` leaves ``[−5, 5]`` with
     probability 6e-7 per coordinate).
@@ -202,10 +204,8 @@ class AutoNSF(AutoFlow):
         bound: float = 5.0,
         **kwargs,
     ):
-        from ..transforms.spline import SplineCoupling, spline_stack
-
-        num_flows = _check_num_flows(num_flows)
+        num_flows = check_positive_int(num_flows, "num_flows")
         hidden_dims = check_hidden_dims(hidden_dims)
-        SplineCoupling(1, hidden_dims, bins, bound)  # validate bins and bound now, not at the first step
+        bins, bound = check_spline_options(bins, bound)
         make = partial(spline_stack, num_flows=num_flows, hidden_dims=hidden_dims, bins=bins, bound=float(bound))
         super().__init__(model, make, **kwargs)

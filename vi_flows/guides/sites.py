@@ -10,6 +10,8 @@ from __future__ import annotations
 import pyro
 from torch.distributions import biject_to
 
+from ..validate import discrete_site_advice
+
 
 class SiteChecks:
     """Mixin of :class:`~vi_flows.guides.AutoFlow`: the checks of the prototype trace's latent sites."""
@@ -26,7 +28,7 @@ class SiteChecks:
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             fn = site["fn"]
             if fn.support.is_discrete:
-                raise ValueError(self._discrete_site_advice(name, fn))
+                raise ValueError(discrete_site_advice(name, fn, type(self).__name__))
             for frame in site["cond_indep_stack"]:
                 if frame.full_size is not None and frame.full_size != frame.size:
                     raise ValueError(
@@ -39,18 +41,6 @@ class SiteChecks:
                 biject_to(fn.support)
             except NotImplementedError:
                 raise ValueError(self._unsupported_support_advice(name, fn)) from None
-
-    def _discrete_site_advice(self, name: str, fn) -> str:
-        """The error for a discrete latent site: Pyro's advice (its enumeration tutorial, as Pyro's own
-        ``AutoContinuous`` says, which Pyro's tests match) and the flow-specific ways out."""
-        return (
-            f"{type(self).__name__}: latent site '{name}' is discrete ({type(fn).__name__}); continuous inference "
-            "cannot handle discrete sample sites. Flow guides cover continuous sites only: enumerate it in the "
-            "model (@config_enumerate or infer={'enumerate': 'parallel'}) and train with TraceEnum_ELBO, as "
-            "documented in https://pyro.ai/examples/enumeration.html . If you already enumerate it another way, "
-            f"hide it from the guide, e.g. {type(self).__name__}(poutine.block(model, hide=['{name}'])), or guide "
-            "it separately with AutoGuideList (e.g. AutoDiscreteParallel)."
-        )
 
     def _unsupported_support_advice(self, name: str, fn) -> str:
         """The error for a site whose support has no bijection to ``R^d``; a sphere (``ProjectedNormal``) gets

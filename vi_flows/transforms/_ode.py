@@ -7,13 +7,14 @@ first. That is the exact gradient of the discrete solution (the one plain backpr
 steps gives) at the memory of one step's graph.
 
 torchdiffeq reports accepted steps (``callback_accept_step``) but re-running one step needs its private
-``_runge_kutta_step`` or a whole ``odeint`` call (1.9 ms each on one CPU thread, against 0.07 ms for the
-step's 7 evaluations of a d=10 linear field), and its step loop costs about 1 ms per step on its own
-(0.9 ms measured): more than the evaluations of a small CNF. Hence this small solver.
+``_runge_kutta_step`` or a whole ``odeint`` call, many times the cost of the step's own evaluations, and
+its step loop alone costs more than the evaluations of a small CNF (``docs/benchmarks.md``, speed).
+Hence this small solver.
 
 The step-size rule is torchdiffeq's; the error estimate uses Dormand and Prince's own embedded 4th-order
-weights (torchdiffeq's are Shampine's), which took about 15 % more evaluations on a linear test problem
-for a slightly smaller error.
+weights (torchdiffeq's are Shampine's): a few more evaluations for a slightly smaller error.
+
+Shapes: ``y (n, k)`` (any shape works; the norm reduces over all of it), ``f(t, y)`` shaped like ``y``.
 
 Reference: Zhuang et al., "Adaptive Checkpoint Adjoint Method for Gradient Estimation in Neural ODE",
 ICML 2020; Hairer, Nørsett & Wanner, "Solving Ordinary Differential Equations I", II.4-II.5.
@@ -87,8 +88,7 @@ def _solve(f: Field, y: Tensor, t0: float, t1: float, rtol, atol, norm, first_st
     """Adaptive steps from ``t0`` to exactly ``t1``; appends ``(t, dt, y)`` of each accepted step to ``steps``."""
     t, k1 = t0, f(t0, y)
     # The whole span first (as zuko): one step for a weak field (a CNF starts at f ≡ 0, where torchdiffeq's
-    # Hairer start falls back to 1e-6 and took 44 evaluations). Over 30 CNF fields, weak to strongly non-linear
-    # (d = 2 to 100, tolerances 1e-3 and 1e-5), the total count was within 2% of that with Hairer's estimate.
+    # Hairer start falls back to 1e-6), and about the same total count on strong ones (docs/benchmarks.md).
     sign = 1.0 if t1 > t0 else -1.0
     dt = sign * abs(t1 - t0 if first_step is None else first_step)
     for _ in range(max_steps):
@@ -166,6 +166,11 @@ def dopri5(
     A step is accepted when ``norm(err / (atol + rtol max(|y|, |y_next|))) <= 1``. ``params``: every
     tensor ``f`` reads that needs a gradient (they become inputs of the backward). ``checkpoint=False``:
     autograd records the solve as it runs (plain backprop; same steps, same values).
+
+    Defaults: ``rtol = atol = 1e-5``, those of :class:`~.continuous.ContinuousFlow` (FFJORD's);
+    ``norm=rms_norm``, torchdiffeq's; ``first_step=None``, the whole span (zuko's start); ``max_steps``
+    10 000, to stop a stiff or diverging field with an error rather than hang; ``checkpoint=True``, the
+    memory of one step instead of the whole solve.
     """
     t0, t1 = float(t0), float(t1)
     if not y.numel():

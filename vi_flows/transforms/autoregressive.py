@@ -1,4 +1,5 @@
-"""Inverse autoregressive flow (Kingma et al. 2016) with a MADE network (Germain et al. 2015)."""
+"""Autoregressive flows on a MADE network (Germain et al. 2015): the gated IAF (Kingma et al. 2016), the
+MAF (Papamakarios et al. 2017) and the affine IAF, its inverse."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ComposeFlow, ConditionalFlowTransform, Conditioned, check_dim, check_hidden_dims
-from .made import MADE
+from ..validate import check_choice, check_float, check_int, check_nonneg_int, check_positive_int
+from .base import ComposeFlow, ConditionalFlowTransform, Conditioned
+from .coupling import check_bound
+from .networks import MADE, made_hidden_dims, soft_bound
 from .permute import check_permutation
 from .stack import stack
 
 __all__ = [
     "AffineInverseAutoregressive",
+    "Autoregressive",
     "Conditioned",
     "InverseAutoregressive",
     "MaskedAutoregressive",
@@ -25,45 +29,32 @@ __all__ = [
 ]
 
 
-class InverseAutoregressive(ConditionalFlowTransform):
-    r"""``y = σ ⊙ x + (1 − σ) ⊙ m`` with ``σ = sigmoid(s + b)``, ``(m, s) = MADE(x)``.
+class Autoregressive(ConditionalFlowTransform):
+    r"""What the autoregressive layers share: ``(m, s) = MADE(x[, c])`` with ``m_i, s_i`` functions of
+    ``x_{order[:rank(i)]}`` only, so ``J`` is triangular in ``order``.
 
-    ``m_i`` and ``s_i`` depend only on the coordinates before ``i`` in
-    ``order`` (default ``0, 1, …, d−1``), so ``J`` is triangular in that order
-    with diagonal ``σ`` and ``log|det J| = Σ_i log σ_i``, computed with
-    ``logsigmoid``. This is the numerically stable form of eq. 15–16 of the
-    paper; the bias ``b = sigmoid_bias`` (2 by default, ``σ ≈ 0.88``) starts
-    the layer close to the identity.
-
-    Cost: the forward map (sampling + density in a guide) is one network
-    pass; the inverse ``x_i = (y_i − (1 − σ_i) m_i)/σ_i`` is filled in
-    coordinate by coordinate in ``order``, ``d`` passes, and its last pass
-    also gives ``log|det J|``. Read backwards this is MAF (Papamakarios et
-    al. 2017): density evaluation is one pass of :meth:`params` and sampling
-    takes ``d``: :class:`MaskedAutoregressive` reuses this network that way.
-    The paper's ``σ`` has no lower bound, so the inverse can expand by ``1/σ``
-    per coordinate and layer without limit, overflowing to ``inf``/``nan``
-    in float32 with trained weights. Here ``σ = σ_min + (1 − σ_min)
-    sigmoid(s + b)`` with ``σ_min = min_scale`` (1e-3), which bounds that
-    expansion by ``1/σ_min`` and leaves the usual range of ``σ`` unchanged.
-
-    The network is a :class:`~.made.MADE` with the masks of
+    The network is a :class:`~.networks.MADE` with the masks of
     :class:`pyro.nn.AutoRegressiveNN` (``param_dims=[1, 1]``; with
     ``context_dim > 0`` those of :class:`~pyro.nn.ConditionalAutoRegressiveNN`,
     the context feeding every hidden unit), its weights packed into few
-    tensors. ``hidden_dims`` defaults to ``(3d + 1,)`` as in Pyro's
-    ``affine_autoregressive``: MADE needs at least ``d`` units per layer for
-    every degree to be connected, and about three per degree leaves room for
-    nonlinearity. With ``d = 1``, ``m`` and ``s``
-    depend only on biases (and the context): a learned affine map.
+    tensors. Subclasses say how ``(m, s)`` move a point (:meth:`transform`,
+    :meth:`invert`); inverting the autoregressive direction fills the
+    coordinates in one by one in ``order``, ``d`` network passes.
 
-    With ``context_dim > 0`` the layer is a family ``f(·; c)``; use
-    ``condition(c)`` to get the :class:`Conditioned` transform.
+    Defaults: ``hidden_dims=(3d + 1,)`` as in Pyro's ``affine_autoregressive``
+    (MADE connects every input only with at least ``d`` units per layer, and
+    about three per degree leaves room for nonlinearity); ``order``
+    ``0, 1, …, d−1`` (stacks vary it between layers); ``activation=nn.ReLU``,
+    Pyro's. With ``d = 1``, ``m`` and ``s`` depend only on biases (and the
+    context): a learned affine map. With ``context_dim > 0`` the layer is a
+    family ``f(·; c)``; use ``condition(c)`` to get the :class:`Conditioned`
+    transform.
 
-    Reference: Kingma, Salimans, Jozefowicz, Chen, Sutskever, Welling,
-    "Improved Variational Inference with Inverse Autoregressive Flow",
-    NeurIPS 2016; Germain, Gregor, Murray, Larochelle, "MADE: Masked
-    Autoencoder for Distribution Estimation", ICML 2015.
+    Shapes: ``x (..., dim)``, ``context (..., context_dim)``; ``log|det J|``
+    has shape ``x.shape[:-1]``.
+
+    Reference: Germain, Gregor, Murray, Larochelle, "MADE: Masked Autoencoder
+    for Distribution Estimation", ICML 2015.
     """
 
     def __init__(
@@ -74,30 +65,12 @@ class InverseAutoregressive(ConditionalFlowTransform):
         *,
         order: Sequence[int] | Tensor | None = None,
         activation: Callable[[], nn.Module] = nn.ReLU,
-        sigmoid_bias: float = 2.0,
-        min_scale: float = 1e-3,
     ):
         super().__init__(dim)
-        if isinstance(min_scale, bool) or not isinstance(min_scale, (int, float)) or not 0 <= min_scale < 1:
-            raise ValueError(f"min_scale must be a number in [0, 1), got {min_scale!r}")
-        self.min_scale = float(min_scale)
-        hidden = check_hidden_dims((3 * dim + 1,) if hidden_dims is None else hidden_dims)
-        if min(hidden) < dim:
-            raise ValueError(f"hidden_dims must all be >= dim={dim} so that MADE connects every input, got {hidden}")
-        if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 0:
-            raise ValueError(f"context_dim must be an integer >= 0 (0: no context), got {context_dim!r}")
-        if (
-            isinstance(sigmoid_bias, bool)
-            or not isinstance(sigmoid_bias, (int, float))
-            or not math.isfinite(sigmoid_bias)
-        ):
-            raise ValueError(f"sigmoid_bias must be a finite real number, got {sigmoid_bias!r}")
+        self.hidden_dims = made_hidden_dims(hidden_dims, dim)
+        self.context_dim = check_nonneg_int(context_dim, "context_dim", note="0: no context")
         order = torch.arange(dim) if order is None else check_permutation(order, dim, "order")
-
-        self.hidden_dims = hidden
-        self.context_dim = context_dim
-        self.sigmoid_bias = float(sigmoid_bias)
-        self.arn = MADE(dim, hidden, context_dim, order=order, num_outputs=2, activation=activation)
+        self.arn = MADE(dim, self.hidden_dims, context_dim, order=order, num_outputs=2, activation=activation)
         # rank[i]: the step of the inverse at which coordinate i is known
         self.register_buffer("rank", torch.argsort(order))
 
@@ -115,8 +88,49 @@ class InverseAutoregressive(ConditionalFlowTransform):
             return self.arn(x, context)
         return self.arn(x)
 
+
+class InverseAutoregressive(Autoregressive):
+    r"""``y = σ ⊙ x + (1 − σ) ⊙ m``, ``σ = σ_min + (1 − σ_min) sigmoid(s + b)``, ``(m, s) = MADE(x)``.
+
+    ``log|det J| = Σ_i log σ_i``, computed with ``logsigmoid``: the
+    numerically stable form of eq. 15–16 of the paper. The forward map
+    (sampling and the density of a sample, in a guide) is one network pass;
+    the inverse ``x_i = (y_i − (1 − σ_i) m_i)/σ_i`` is ``d`` passes in
+    ``order``, the last of which also gives ``log|det J|``. Network, order,
+    context and shapes: :class:`Autoregressive`.
+
+    Defaults, each for one reason:
+
+    - ``sigmoid_bias=2`` (``b``): ``σ ≈ 0.88`` at the start, close to the
+      identity, as the paper recommends.
+    - ``min_scale=1e-3`` (``σ_min``): the paper's ``σ`` has no lower bound, so
+      the inverse can expand by ``1/σ`` per coordinate and layer without
+      limit, overflowing in float32 with trained weights; ``σ_min`` bounds
+      that by ``1/σ_min`` and leaves the usual range of ``σ`` unchanged.
+    - ``hidden_dims``, ``order``, ``activation``: see :class:`Autoregressive`.
+
+    Reference: Kingma, Salimans, Jozefowicz, Chen, Sutskever, Welling,
+    "Improved Variational Inference with Inverse Autoregressive Flow",
+    NeurIPS 2016.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dims: Sequence[int] | None = None,
+        context_dim: int = 0,
+        *,
+        order: Sequence[int] | Tensor | None = None,
+        activation: Callable[[], nn.Module] = nn.ReLU,
+        sigmoid_bias: float = 2.0,
+        min_scale: float = 1e-3,
+    ):
+        super().__init__(dim, hidden_dims, context_dim, order=order, activation=activation)
+        self.min_scale = check_float(min_scale, "min_scale", low=0.0, high=1.0, high_open=True, example=1e-3)
+        self.sigmoid_bias = check_float(sigmoid_bias, "sigmoid_bias", example=2.0)
+
     def transform(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``(y, log|det J|)`` for ``x`` given ``context`` (``None`` when ``context_dim = 0``)."""
+        """``(y, log|det J|)`` for ``x`` given ``context`` (``None`` when ``context_dim = 0``), one network pass."""
         x, context = self._broadcast(x, context)
         m, s = self.params(x, context)
         sigma, log_sigma = self._gate(s)
@@ -156,10 +170,11 @@ def iaf_stack(
 ) -> ComposeFlow:
     """``num_flows`` :class:`InverseAutoregressive` layers with a :class:`~.permute.Reverse` between each pair.
 
-    With ``context_dim > 0`` the result is a
+    ``f = f_K ∘ R ∘ … ∘ R ∘ f_1``, ``x (..., dim) → (..., dim)``; the reversals let every output depend on
+    every input. Options as in :class:`InverseAutoregressive`. With ``context_dim > 0`` the result is a
     :class:`~.stack.ConditionalComposeFlow`: call ``condition(context)``.
     """
-    check_dim(dim)
+    check_positive_int(dim, "dim")
 
     def make_layer() -> InverseAutoregressive:
         return InverseAutoregressive(dim, hidden_dims, context_dim, activation=activation, sigmoid_bias=sigmoid_bias)
@@ -167,36 +182,27 @@ def iaf_stack(
     return stack(make_layer, num_flows, dim=dim, permute=True)
 
 
-class MaskedAutoregressive(InverseAutoregressive):
-    r"""MAF: ``y_i = (x_i − m_i(y_{<i})) exp(a_i(y_{<i}))``, the density-direction twin of the IAF.
+class MaskedAutoregressive(Autoregressive):
+    r"""MAF: ``y_i = (x_i − m_i(y_{<i})) exp(a_i(y_{<i}))``, ``a = b·tanh(s/b)``, ``(m, s) = MADE(y)``.
 
-    Same MADE network, order, context and :meth:`params` as
-    :class:`InverseAutoregressive`; only the direction differs. Here the
-    autoregressive inputs are the *outputs* ``y``, so
+    The autoregressive inputs are the *outputs* ``y``, so the density
+    direction (inverse, ``x = y ⊙ exp(−a(y)) + m(y)``) is one network pass and
+    sampling (forward) ``d`` passes in ``order``: the reverse of the IAF. Use
+    MAF to fit data by maximum likelihood, an IAF as a guide.
+    ``log|det J| = Σ_i a_i``. Network, order, context and shapes:
+    :class:`Autoregressive`.
 
-    - density (inverse, ``x = y ⊙ exp(−a(y)) + m(y)``): one network pass;
-    - sampling (forward): ``d`` passes, coordinate by coordinate in ``order``;
+    Unlike the gated IAF's ``σ x + (1 − σ) m``, which only contracts (right
+    for a guide starting at a broad Gaussian), the affine ``exp(a)`` can
+    expand a narrow data set to unit scale. The shift is added after the
+    scaling in the density direction (as in zuko's MAF), so it is not tied to
+    the scale. The last network layer starts at zero, so the layer starts as
+    the identity, as :class:`~.coupling.AffineCoupling` does (measurements of
+    both choices: ``docs/benchmarks.md``, density).
 
-    exactly the reverse of the IAF (one pass to sample, ``d`` for the density
-    of an arbitrary point). Use MAF to fit data by maximum likelihood, IAF as a
-    guide. ``log|det J| = Σ_i a_i``.
-
-    The IAF's gated update ``σ x + (1 − σ) m`` only contracts (``σ < 1``),
-    right for a guide that starts at a broad Gaussian but unable to expand a
-    narrow data set to unit scale; MAF uses the affine ``exp(a)`` with the
-    log-scale smoothly bounded, ``a = b·tanh(s/b)``, ``b = log_scale_bound``,
-    for the reason given in :class:`~.coupling.AffineCoupling`. The shift is
-    added after the scaling in the density direction (as in zuko's MAF):
-    with the same network, the best held-out NLL on digits improved by 3.2
-    nats (one seed, 300 steps) over ``x = (y − μ) exp(−a)``, where the shift
-    is tied to the scale. The last network layer starts at zero, so the layer
-    starts as the identity (as :class:`~.coupling.AffineCoupling` does): with
-    the usual random initialization five stacked layers start as a random
-    warp of the data, and the test NLL on 64-D digits was 2.2 and 3.3 nats
-    worse (2 seeds; 5 layers, hidden (128, 128), ``benchmarks/density.py``).
-    On 2-D two moons the two starts are within seed noise (mean of 8 seeds
-    0.401 ± 0.070 from zero, 0.373 ± 0.033 from the random start, the gap
-    mostly one seed).
+    Defaults: ``log_scale_bound=3`` (``b``), for the reason given in
+    :class:`~.coupling.AffineCoupling`; ``hidden_dims``, ``order``,
+    ``activation``: see :class:`Autoregressive`.
 
     Reference: Papamakarios, Pavlakou, Murray, "Masked Autoregressive Flow for
     Density Estimation", NeurIPS 2017.
@@ -212,15 +218,11 @@ class MaskedAutoregressive(InverseAutoregressive):
         activation: Callable[[], nn.Module] = nn.ReLU,
         log_scale_bound: float = 3.0,
     ):
-        from .coupling import check_bound
-
         super().__init__(dim, hidden_dims, context_dim, order=order, activation=activation)
         self.log_scale_bound = check_bound(log_scale_bound)
         self.arn.zero_output_()  # m = a = 0: the identity map
 
     def _shift_log_scale(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        from .coupling import soft_bound
-
         m, s = self.params(y, context)
         return m, soft_bound(s, self.log_scale_bound)
 
@@ -249,6 +251,10 @@ class AffineInverseAutoregressive(MaskedAutoregressive):
     shrinks every coordinate at the start, the last network layer starts at zero, so the layer starts
     as the identity: a guide built on it starts exactly at its base Gaussian. ``log|det J| = −Σ_i a_i``,
     ``a`` smoothly bounded by ``log_scale_bound`` (3: a layer scales a coordinate by at most ``e³``).
+    Shapes and the other options: :class:`Autoregressive`.
+
+    Reference: Kingma, Salimans, Jozefowicz, Chen, Sutskever, Welling, "Improved Variational Inference
+    with Inverse Autoregressive Flow", NeurIPS 2016.
     """
 
     def transform(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -275,16 +281,17 @@ def maf_stack(
 ) -> ComposeFlow:
     """``num_flows`` :class:`MaskedAutoregressive` layers, each in its own autoregressive order.
 
-    ``orders="reverse"``: the identity order with a :class:`~.permute.Reverse`
-    between each pair of layers (two orders in all); ``"random"``: a random
-    permutation per layer, drawn from a generator seeded with ``seed`` (as in
-    Pyro's ``AutoRegressiveNN`` and zuko's ``MAF(randperm=True)``), no
-    permutation layers; ``"auto"`` (default): ``"random"`` when ``dim > 2``,
-    else ``"reverse"`` (in 2-D the two orders are all there is, and random
-    draws could repeat one). With two orders only, coordinates far apart in
-    the order interact through few layers: on 64-D digits random orders
-    improved the held-out NLL by 2.9 to 4.1 nats (5 layers, hidden (128, 128),
-    2 seeds, ``benchmarks/density.py``).
+    ``f = f_K ∘ … ∘ f_1``, ``x (..., dim) → (..., dim)``. ``orders="reverse"``:
+    the identity order with a :class:`~.permute.Reverse` between each pair of
+    layers (two orders in all); ``"random"``: a random permutation per layer,
+    drawn from a generator seeded with ``seed`` (as in Pyro's
+    ``AutoRegressiveNN`` and zuko's ``MAF(randperm=True)``), no permutation
+    layers; ``"auto"`` (default): ``"random"`` when ``dim > 2``, else
+    ``"reverse"``, because with two orders only, coordinates far apart in the
+    order interact through few layers, while in 2-D the two orders are all
+    there is (measurements: ``docs/benchmarks.md``, density). ``seed=0``:
+    the same orders on every call, so a rebuilt stack matches a saved state.
+    Other options as in :class:`MaskedAutoregressive`.
 
     With ``context_dim > 0`` the result is a :class:`~.stack.ConditionalComposeFlow`.
     """
@@ -311,11 +318,9 @@ def affine_iaf_stack(
 
 
 def _ordered_stack(layer, dim, num_flows, hidden_dims, context_dim, orders, seed, activation, log_scale_bound):
-    check_dim(dim)
-    if orders not in ("auto", "reverse", "random"):
-        raise ValueError(f"orders must be 'auto', 'reverse' or 'random', got {orders!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    check_positive_int(dim, "dim")
+    check_choice(orders, ("auto", "reverse", "random"), "orders")
+    seed = check_int(seed, "seed", None)
     if orders == "auto":
         orders = "random" if dim > 2 else "reverse"
     gen = torch.Generator().manual_seed(seed)

@@ -20,6 +20,7 @@ __all__ = [
     "ComposeFlow",
     "ConditionalFlowTransform",
     "Conditioned",
+    "ContextHeadStack",
     "FlowTransform",
     "check_dim",
     "check_hidden_dims",
@@ -209,30 +210,46 @@ class FlowTransform(TransformModule):
 
 
 class ConditionalFlowTransform(FlowTransform):
-    """A layer that may take a context: ``f(·; c)``.
+    r"""The conditioning protocol: a layer ``f(·; c)`` whose parameters may depend on a context ``c``.
 
-    Subclasses implement ``transform(x, context)`` and ``invert(y, context)``,
-    each returning the value and ``log|det J|`` at ``x``; without a context
-    (``context_dim = 0``) they are plain layers. :meth:`_broadcast` lines up
-    the batch shapes of input and context.
+    Subclasses implement ``transform(x, context) -> (f(x; c), log|det ∂f/∂x|)`` and
+    ``invert(y, context) -> (f⁻¹(y; c), log|det ∂f/∂x|)`` at that ``x``. Shapes: ``x, y (*batch_x, dim)``,
+    ``context (*batch_c, context_dim)`` with ``batch_c`` broadcasting against ``batch_x`` (a context
+    ``(B, c)`` serves inputs ``(B, d)`` and ``(S, B, d)``); outputs have the broadcast batch shape.
+    :meth:`~FlowTransform.condition` binds one context (:class:`Conditioned`). With ``context_dim = 0``
+    the context is None and the layer is a plain one; with ``context_dim > 0`` calling the layer without a
+    context is refused, naming :meth:`~FlowTransform.condition`. :meth:`_context_batch` checks a pair,
+    :meth:`_broadcast` expands it.
     """
 
-    def _broadcast(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _context_batch(self, x: Tensor, context: Tensor | None) -> torch.Size | None:
+        """The broadcast batch shape of ``x`` and ``context`` (None without a context); ValueError if none."""
         if not self.context_dim:
-            return x, None
+            return None
         if context is None:
             raise ValueError(
                 f"context: {type(self).__name__} has context_dim={self.context_dim}; call .condition(context) "
                 "and use the transform it returns"
             )
         try:
-            batch = torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
+            return torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
         except RuntimeError:
             raise ValueError(
                 f"context batch shape {tuple(context.shape[:-1])} does not broadcast with the input batch shape "
                 f"{tuple(x.shape[:-1])}"
             ) from None
-        return x.expand(*batch, self.dim), context.expand(*batch, self.context_dim)
+
+    def _broadcast(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``(x, context)`` expanded to their broadcast batch shape (``context`` None without one)."""
+        batch = self._context_batch(x, context)
+        if batch is None:
+            return x, None
+        # no expand where the shape is already the batch's: each would be one more autograd node
+        if x.shape[:-1] != batch:
+            x = x.expand(*batch, self.dim)
+        if context.shape[:-1] != batch:
+            context = context.expand(*batch, self.context_dim)
+        return x, context
 
     def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.transform(x, None)
@@ -242,6 +259,44 @@ class ConditionalFlowTransform(FlowTransform):
 
     def _inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
         return self.invert(y, None)
+
+
+class ContextHeadStack(ConditionalFlowTransform):
+    r"""``num_flows`` layers ``f_K(·; θ_K(c)) ∘ … ∘ f_1(·; θ_1(c))`` whose parameters are linear heads of ``c``.
+
+    ``log|det J| = Σ_k log|det J_{f_k}|``. Subclasses set ``self.heads`` (``nn.Linear(context_dim, K · s)``
+    per parameter of size ``s``) and give ``params(context)``: one tuple per layer, each parameter of shape
+    ``(*batch_c, ...)`` so that it broadcasts against the inputs (the heads run once per context, not once
+    per draw), and the functional ``_layer_call(x, *p) -> (y, ladj)`` and ``_layer_inverse(y, *p) -> x``.
+    The amortized planar, radial and Sylvester layers of Rezende & Mohamed (2015, §6.2) and van den Berg
+    et al. (2018) are of this kind.
+    """
+
+    def __init__(self, dim: int, num_flows: int, context_dim: int):
+        super().__init__(dim)
+        self.num_flows = check_dim(num_flows, "num_flows")
+        self.context_dim = check_dim(context_dim, "context_dim")
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_flows={self.num_flows}, context_dim={self.context_dim}"
+
+    def _heads(self, context: Tensor, *sizes: int) -> list[Tensor]:
+        """Each head's output as ``(*batch_c, num_flows, size)``."""
+        return [h(context).unflatten(-1, (self.num_flows, s)) for h, s in zip(self.heads, sizes)]
+
+    def transform(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        self._context_batch(x, context)
+        total = 0.0
+        for p in self.params(context):
+            x, ladj = self._layer_call(x, *p)
+            total = total + ladj
+        return x, total
+
+    def invert(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        self._context_batch(y, context)
+        for p in reversed(self.params(context)):
+            y = self._layer_inverse(y, *p)
+        return y, self.transform(y, context)[1]
 
 
 class Conditioned(FlowTransform):

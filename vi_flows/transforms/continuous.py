@@ -11,26 +11,25 @@ import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchdiffeq import odeint, odeint_adjoint
-from torchdiffeq._impl.odeint import SOLVERS
-from torchdiffeq._impl.solvers import FixedGridODESolver
 
+from .._internals import torchdiffeq_fixed_grid_methods, torchdiffeq_methods
+from ..validate import check_choice, check_hidden_dims, check_int, check_nonneg_int, check_positive_float
 from ._ode import dopri5, rms_norm
 from ._ode import step as dopri5_step
-from .base import ACTIVATIONS, Conditioned, FlowTransform, check_hidden_dims
+from .base import ConditionalFlowTransform, Conditioned
+from .networks import SMOOTH_ACTIVATIONS, ConcatSquash, ODENet, forward_mode_trace
 
-__all__ = ["ConcatSquash", "ConditionedFlow", "ContinuousFlow", "ODENet"]
+__all__ = ["ConcatSquash", "ContinuousFlow", "ODENet", "check_options", "forward_mode_trace"]
 
-# the field must be smooth for the adaptive solver and the trace: a subset of the shared names
-SMOOTH_ACTIVATIONS = {name: ACTIVATIONS[name] for name in ("tanh", "softplus", "silu")}
 TRACES = ("auto", "exact", "hutchinson")
 NOISES = ("rademacher", "gaussian")
 GRADIENTS = ("checkpoint", "backprop", "adjoint")
 # torchdiffeq's names of the options our own dopri5 (checkpoint and backprop modes) takes.
 DOPRI5_OPTIONS = {"first_step": "first_step", "max_num_steps": "max_steps"}
 # scipy_solver leaves torch (no gradients); every other torchdiffeq method is allowed.
-METHODS = tuple(m for m in SOLVERS if m != "scipy_solver")
+METHODS = tuple(m for m in torchdiffeq_methods() if m != "scipy_solver")
 # Under torch.jit tracing the solve runs on a fixed grid of at least this many steps (a field that starts at
 # zero takes one adaptive step, too few once training bends it).
 TRACED_MIN_STEPS = 8
@@ -38,65 +37,8 @@ TRACED_MIN_STEPS = 8
 EVALS_PER_STEP = 6
 
 
-def _choice(value, allowed, name: str):
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
-    return value
-
-
-def _positive(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-class ConcatSquash(nn.Module):
-    r"""``h ↦ (W h + b) ⊙ σ(A s + a) + B s`` with ``s = (t, context)`` (FFJORD's ConcatSquashLinear).
-
-    Shapes: ``h (..., d_in)``, ``s (..., d_s)`` -> ``(..., d_out)``.
-    """
-
-    def __init__(self, d_in: int, d_out: int, d_s: int):
-        super().__init__()
-        self.linear = nn.Linear(d_in, d_out)
-        self.gate = nn.Linear(d_s, d_out)
-        self.shift = nn.Linear(d_s, d_out, bias=False)
-
-    def forward(self, h: Tensor, s: Tensor) -> Tensor:
-        return self.linear(h) * torch.sigmoid(self.gate(s)) + self.shift(s)
-
-
-class ODENet(nn.Module):
-    r"""The vector field ``f(z, t, c)``: an MLP of :class:`ConcatSquash` layers.
-
-    Time (and the context ``c``) gate and shift every layer rather than being
-    one more input column, so the field can change character along ``t`` at a
-    cost of ``O(width)`` per layer; this is FFJORD's default layer. The last
-    layer starts at zero, so ``f ≡ 0`` and the flow starts as the identity.
-    """
-
-    def __init__(self, dim: int, hidden_dims: Iterable[int], context_dim: int = 0, activation: str = "tanh"):
-        super().__init__()
-        widths = (dim, *hidden_dims, dim)
-        self.layers = nn.ModuleList(ConcatSquash(a, b, 1 + context_dim) for a, b in zip(widths[:-1], widths[1:]))
-        self.activation = SMOOTH_ACTIVATIONS[activation]()
-        last = self.layers[-1]
-        for p in (last.linear.weight, last.linear.bias, last.shift.weight):
-            nn.init.zeros_(p)
-
-    def forward(self, t: Tensor, z: Tensor, context: Tensor | None = None) -> Tensor:
-        s = t.to(z).expand(*z.shape[:-1], 1)
-        if context is not None:
-            s = torch.cat([s, context], -1)
-        h = z
-        for layer in self.layers[:-1]:
-            h = self.activation(layer(h, s))
-        return self.layers[-1](h, s)
-
-
-# From this dimension on, one vmap-ed reverse pass beats d separate VJPs. Forward + backward of a solve
-# (widths (64, 64), 20 evaluations, one CPU thread), VJPs vs vmap: batch 256: d=2 40 vs 55 ms, d=5 73 vs 69,
-# d=10 122 vs 96; batch 16: d=2 24 vs 40, d=5 37 vs 40, d=10 63 vs 40.
+# From this dimension on, one vmap-ed reverse pass beats d separate VJPs (forward + backward of a solve,
+# widths (64, 64), one CPU thread: about level at d = 5, vmap faster above).
 JACREV_MIN_DIM = 5
 
 
@@ -120,48 +62,6 @@ def jacrev_trace(net: ODENet, t: Tensor, z: Tensor, context: Tensor | None) -> t
         z, context
     )
     return dz, jac.diagonal(dim1=-2, dim2=-1).sum(-1)
-
-
-def _activation_slope(activation: nn.Module, pre: Tensor, out: Tensor) -> Tensor:
-    """``σ'(pre)`` of a :data:`SMOOTH_ACTIVATIONS` module, given ``out = σ(pre)``."""
-    if isinstance(activation, nn.Tanh):
-        return 1 - out * out
-    if isinstance(activation, nn.Softplus):
-        return torch.sigmoid(activation.beta * pre)
-    if isinstance(activation, nn.SiLU):
-        sig = torch.sigmoid(pre)
-        return sig * (1 + pre * (1 - sig))
-    raise TypeError(f"no closed-form slope for activation {type(activation).__name__}")
-
-
-def forward_mode_trace(net: ODENet, t: Tensor, z: Tensor, context: Tensor | None, eps: Tensor | None):
-    """``(f, tr ∂f/∂z)`` (``eps`` None) or ``(f, εᵀ (∂f/∂z) ε)`` by pushing tangents through the layers by hand.
-
-    Plain tensor ops only, no nested autograd: what ``torch.jit.trace`` can record (a traced
-    ``autograd.grad`` replays saved parameters as constants and fails; ``torch.func`` cannot be traced).
-    The tangents are ``I`` (``d`` columns, exact trace) or ``ε`` (one column, Hutchinson): the same
-    values as :func:`vjp_trace` and :func:`hutchinson_trace`, to rounding.
-    """
-    s = t.to(z).expand(*z.shape[:-1], 1)
-    if context is not None:
-        s = torch.cat([s, context], -1)
-    if eps is None:
-        tangent = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device).expand(*z.shape, z.shape[-1])
-    else:
-        tangent = eps.unsqueeze(-1)
-    h = z
-    for i, layer in enumerate(net.layers):
-        gate = torch.sigmoid(layer.gate(s))
-        pre = layer.linear(h) * gate + layer.shift(s)
-        tangent = (layer.linear.weight @ tangent) * gate.unsqueeze(-1)
-        if i == len(net.layers) - 1:
-            h = pre
-            break
-        h = net.activation(pre)
-        tangent = _activation_slope(net.activation, pre, h).unsqueeze(-1) * tangent
-    if eps is None:
-        return h, tangent.diagonal(dim1=-2, dim2=-1).sum(-1)
-    return h, (tangent.squeeze(-1) * eps).sum(-1)
 
 
 def hutchinson_trace(dz: Tensor, z: Tensor, eps: Tensor, create_graph: bool) -> Tensor:
@@ -222,65 +122,74 @@ class _Dynamics:
         return dz, div
 
 
-class ContinuousFlow(FlowTransform):
-    r"""``y = z(t₁)``, ``dz/dt = f(z, t)``, ``z(0) = x``: a continuous normalizing flow.
+class ContinuousFlow(ConditionalFlowTransform):
+    r"""``y = z(t₁)``, ``dz/dt = f(z, t[, c])``, ``z(0) = x``: a continuous normalizing flow.
 
     ``log|det ∂y/∂x| = ∫₀^{t₁} tr ∂f/∂z(z(t), t) dt`` (instantaneous change of
     variables) is integrated with ``z``. The inverse integrates ``t₁ → 0`` and
-    returns the log-determinant from the same solve.
+    returns the log-determinant from the same solve. ``f`` is an
+    :class:`~.networks.ODENet` (ConcatSquash MLP; its last layer starts at
+    zero, so the flow starts as the identity and a guide from its base).
+
+    Shapes: ``x (..., dim)``, ``context (..., context_dim)``; ``log|det J|``
+    has shape ``x.shape[:-1]``.
 
     The solve and its gradient (``gradient``):
 
-    * ``"backprop"`` (default): autograd records the solve and back-propagates
-      through it. ``solver="dopri5"`` runs this package's own solver
-      (:func:`._ode.dopri5`): torchdiffeq's step loop costs about 1 ms per step
-      on a CPU thread, more than a small CNF's evaluations. Other solvers run
-      in ``torchdiffeq.odeint`` (``options`` go to it).
+    * ``"backprop"``: autograd records the solve and back-propagates through
+      it. ``solver="dopri5"`` runs this package's own solver
+      (:func:`._ode.dopri5`), whose step loop costs less than torchdiffeq's;
+      other solvers run in ``torchdiffeq.odeint`` (``options`` go to it).
     * ``"checkpoint"`` (``dopri5`` only): the adaptive checkpoint adjoint
       (Zhuang et al. 2020, as zuko): the solve records no graph and keeps the
-      state at the start of each accepted step; the backward re-runs each step
-      with autograd, last first. The same steps and values as ``"backprop"``
-      and its gradient to rounding, with the memory of one step's graph instead
-      of the whole solve's, for 1.4-1.5x its time (the steps run twice).
-    * ``"adjoint"`` (or ``adjoint=True``): ``torchdiffeq.odeint_adjoint``, O(1)
-      memory in the number of steps, gradients from a backward adjoint solve
-      (a different discretization, accurate to the tolerances).
+      state at the start of each accepted step; the backward re-runs each
+      step with autograd, last first. The same steps, values and gradient as
+      ``"backprop"`` to rounding, with the memory of one step's graph instead
+      of the whole solve's, for more time (the steps run twice).
+    * ``"adjoint"``: ``torchdiffeq.odeint_adjoint``, O(1) memory in the
+      number of steps, gradients from a backward adjoint solve (a different
+      discretization, accurate to the tolerances).
 
     Step-size control (own ``dopri5``): torchdiffeq's (RMS norm of the error
     over ``z`` and over the log-determinant, the larger one), starting with
-    one step over ``[0, t₁]`` (zuko's start: 7 evaluations for the initial
-    flow ``f ≡ 0``, where torchdiffeq's took 44); ``options`` takes
-    ``first_step`` and ``max_num_steps``. ``trace_weight`` (also for
-    torchdiffeq's adaptive solvers) multiplies the log-determinant's error in
-    that control (zuko instead scales the log-determinant *state* by 1e-2,
-    which relaxes only its absolute tolerance); below 1 the steps grow past what the
-    tolerances allow for ``log|det J|``: on strongly non-linear fields (d = 2
-    to 100, tolerances 1e-3 and 1e-5) 1e-2 cut the evaluations by 15-55% and
-    multiplied the error of ``log|det J|`` by 2-40, so the default is 1.
+    one step over ``[0, t₁]`` (zuko's start, few evaluations for the initial
+    ``f ≡ 0``); ``options`` takes ``first_step`` and ``max_num_steps``.
+    ``trace_weight`` (also for torchdiffeq's adaptive solvers) multiplies the
+    log-determinant's error in that control; below 1 the steps grow past what
+    the tolerances allow for ``log|det J|``.
 
-    ``f`` is an :class:`ODENet` (ConcatSquash MLP; its last layer starts at
-    zero, so the flow starts as the identity and a guide from its base).
+    The trace: ``"exact"``, ``d`` vector-Jacobian products per evaluation of
+    ``f`` (``vmap``-ed into one pass from ``d = 5`` on); ``"hutchinson"``,
+    ``εᵀ(∂f/∂z)ε`` with one ``ε`` per point drawn per solve and held fixed
+    through it (FFJORD), Rademacher or Gaussian (``noise``): one VJP per
+    evaluation, and ``log|det J|`` an unbiased *estimate* whose variance grows
+    with ``d``; ``"auto"``, exact when ``dim <= exact_trace_max_dim``, else
+    Hutchinson.
 
-    The trace:
+    Defaults, each for one reason:
 
-    * ``"exact"``: ``d`` vector-Jacobian products per evaluation of ``f``
-      (``vmap``-ed into one pass from ``d = 5`` on, where that is faster).
-    * ``"hutchinson"``: ``εᵀ(∂f/∂z)ε`` with one ``ε`` per point drawn per solve
-      and held fixed through it (FFJORD), Rademacher or Gaussian (``noise``).
-      One VJP per evaluation; ``log|det J|`` is then an unbiased *estimate*
-      (Rademacher in d=1 is exact) whose variance grows with ``d``.
-    * ``"auto"``: exact when ``dim <= exact_trace_max_dim`` (default 10), else
-      Hutchinson. A solve with its backward (batch 256, widths (64, 64), one CPU
-      thread) costs 1.3x Hutchinson's at d=2, 2.3x at d=5, 2.9x at d=10, 4.5x at
-      d=20 and 7.6x at d=40, while the estimator's variance grows with ``d``:
-      up to d=10 removing that noise from the ELBO gradient costs at most 3x.
+    - ``hidden_dims=(64, 64)``, ``activation="tanh"``: FFJORD's small
+      fields; the activation must be smooth (:data:`~.networks.SMOOTH_ACTIVATIONS`).
+    - ``trace="auto"``, ``exact_trace_max_dim=10``: up to ``d = 10`` the
+      exact trace costs a few times Hutchinson's and removes its noise from
+      the ELBO gradient; above, its cost grows with ``d``.
+    - ``noise="rademacher"``: the lower-variance probe for the Hutchinson
+      estimator (exact in ``d = 1``).
+    - ``solver="dopri5"``, ``rtol = atol = 1e-5``: FFJORD's; looser
+      tolerances bias ``log q``, which the ELBO cannot see.
+    - ``t1=1``: the field's scale is learned, so the span is a convention.
+    - ``gradient=None`` (``"backprop"``): the exact gradient of the discrete
+      solve at the least time.
+    - ``trace_weight=1``: ``log|det J|`` is held to the same tolerances as
+      ``z`` (zuko's 1e-2 saves evaluations but multiplies its error).
+
+    Measurements behind these choices: ``docs/benchmarks.md`` (speed).
 
     ``nfe`` is the number of evaluations of ``f`` in the last solve (either
     direction, not counting the evaluations of a backward pass); tune
     ``rtol``/``atol`` by it. With ``context_dim > 0`` the context ``c``
     enters every layer's gate and shift; use :meth:`condition` to bind it.
-
-    Shapes: ``x (..., dim)``; ``log|det J|`` has shape ``x.shape[:-1]``.
+    ``adjoint=True`` is the deprecated spelling of ``gradient="adjoint"``.
 
     Under ``torch.jit`` tracing (``JitTrace_ELBO``, a traced ``Predictive``) an adaptive solve cannot be
     recorded: the trace would replay one run's steps whatever the field becomes. There the flow solves on
@@ -314,43 +223,39 @@ class ContinuousFlow(FlowTransform):
         atol: float = 1e-5,
         t1: float = 1.0,
         gradient: str | None = None,
-        adjoint: bool = False,
+        adjoint: bool | None = None,
         trace_weight: float = 1.0,
         exact_trace_max_dim: int = 10,
         activation: str = "tanh",
         options: Mapping | None = None,
     ):
         super().__init__(dim)
-        hidden = check_hidden_dims(hidden_dims)
-        if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 0:
-            raise ValueError(f"context_dim must be an integer >= 0, got {context_dim!r}")
-        if isinstance(exact_trace_max_dim, bool) or not isinstance(exact_trace_max_dim, int) or exact_trace_max_dim < 0:
-            raise ValueError(f"exact_trace_max_dim must be an integer >= 0, got {exact_trace_max_dim!r}")
-        options = dict(options or {})
-        _choice(solver, METHODS, "solver")
-        if issubclass(SOLVERS[solver], FixedGridODESolver) and not {"step_size", "grid_constructor"} & options.keys():
-            raise ValueError(
-                f"solver={solver!r} takes fixed steps: pass options={{'step_size': ...}}, "
-                f"or use an adaptive solver such as 'dopri5'"
-            )
-        if adjoint:
-            if gradient not in (None, "adjoint"):
-                raise ValueError(f"gradient={gradient!r} contradicts adjoint=True (the same as gradient='adjoint')")
-            gradient = "adjoint"
-        elif gradient is None:
-            gradient = "backprop"
-        self.context_dim = context_dim
-        self.exact_trace_max_dim = exact_trace_max_dim
-        self.trace = trace
-        self.noise = _choice(noise, NOISES, "noise")
-        self.solver = solver
-        self.options = options
-        self.rtol = _positive(rtol, "rtol")
-        self.atol = _positive(atol, "atol")
-        self.t1 = _positive(t1, "t1")
-        self.gradient = gradient  # after solver and options: it checks them
-        self.trace_weight = _positive(trace_weight, "trace_weight")
-        self.net = ODENet(dim, hidden, context_dim, _choice(activation, SMOOTH_ACTIVATIONS, "activation"))
+        checked = check_options(
+            hidden_dims,
+            context_dim,
+            trace=trace,
+            noise=noise,
+            solver=solver,
+            rtol=rtol,
+            atol=atol,
+            t1=t1,
+            gradient=gradient,
+            adjoint=adjoint,
+            trace_weight=trace_weight,
+            exact_trace_max_dim=exact_trace_max_dim,
+            activation=activation,
+            options=options,
+            _stacklevel=4,
+        )
+        self.context_dim = checked["context_dim"]
+        self.exact_trace_max_dim = checked["exact_trace_max_dim"]
+        self.trace = checked["trace"]  # after exact_trace_max_dim: "auto" reads it
+        self.noise = checked["noise"]
+        self.solver, self.options = checked["solver"], checked["options"]
+        self.rtol, self.atol, self.t1 = checked["rtol"], checked["atol"], checked["t1"]
+        self.gradient = checked["gradient"]  # after solver and options: it checks them
+        self.trace_weight = checked["trace_weight"]
+        self.net = ODENet(dim, checked["hidden_dims"], self.context_dim, checked["activation"])
         self.nfe = 0
 
     @property
@@ -360,23 +265,19 @@ class ContinuousFlow(FlowTransform):
 
     @gradient.setter
     def gradient(self, value: str) -> None:
-        _choice(value, GRADIENTS, "gradient")
-        if value == "checkpoint" and self.solver != "dopri5":
-            raise ValueError(f"gradient='checkpoint' needs solver='dopri5', got solver={self.solver!r}")
-        if self.solver == "dopri5" and value != "adjoint" and not self.options.keys() <= DOPRI5_OPTIONS.keys():
-            raise ValueError(
-                f"options {sorted(self.options.keys() - DOPRI5_OPTIONS.keys())} are not taken by dopri5 with "
-                f"gradient={value!r}; allowed: {sorted(DOPRI5_OPTIONS)}"
-            )
-        self._gradient = value
+        self._gradient = _check_gradient(value, self.solver, self.options)
 
     @property
     def adjoint(self) -> bool:
-        """``gradient == "adjoint"`` (the older switch; setting it False means ``"backprop"``)."""
+        """Deprecated: ``gradient == "adjoint"``; setting it warns (False means ``"backprop"``), use ``gradient``.
+
+        Reading it does not warn: ``torch.jit.trace_module`` probes every attribute with ``hasattr``.
+        """
         return self.gradient == "adjoint"
 
     @adjoint.setter
     def adjoint(self, value: bool) -> None:
+        _warn_adjoint()
         self.gradient = "adjoint" if value else "backprop"
 
     @property
@@ -386,7 +287,7 @@ class ContinuousFlow(FlowTransform):
 
     @trace.setter
     def trace(self, value: str) -> None:
-        _choice(value, TRACES, "trace")
+        check_choice(value, TRACES, "trace")
         if value == "auto":
             value = "exact" if self.dim <= self.exact_trace_max_dim else "hutchinson"
         self._trace = value
@@ -405,37 +306,22 @@ class ContinuousFlow(FlowTransform):
         return not any(bool(p.detach().any()) for p in (last.linear.weight, last.linear.bias, last.shift.weight))
 
     def transform(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``(f(x; context), log|det J|)``; the conditional-layer protocol of :meth:`FlowTransform.condition`."""
+        """``(f(x; context), log|det J|)``: the protocol of :class:`~.base.ConditionalFlowTransform`."""
         return self.integrate(x, context, reverse=False)
 
     def invert(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(f⁻¹(y; context), log|det J|)`` at that point, from one backward solve."""
         return self.integrate(y, context, reverse=True)
 
-    def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.integrate(x, self._no_context(), reverse=False)
-
-    def _inverse(self, y: Tensor) -> Tensor:
-        return self._inverse_and_ladj(y)[0]
-
-    def _inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self.integrate(y, self._no_context(), reverse=True)
-
-    def _no_context(self) -> None:
-        if self.context_dim:
-            raise ValueError(
-                f"this ContinuousFlow has context_dim={self.context_dim}: call .condition(context) "
-                "and use the transform it returns"
-            )
-
     def integrate(self, x: Tensor, context: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor]:
         """``(z(t₁), ∫₀^{t₁} tr ∂f/∂z dt)`` from ``z(0) = x``; with ``reverse``, ``(z(0), same)`` from ``z(t₁) = x``."""
+        x, context = self._broadcast(x, context)  # the protocol's: broadcast batch shape of x and context
         shape = x.shape
         if not x.numel():  # the solver's step-size control divides by the state's norm
             return x.clone(), x.new_zeros(shape[:-1])
         z = x.reshape(-1, self.dim)
         if context is not None:
-            context = _broadcast_context(context, shape[:-1]).reshape(z.shape[0], self.context_dim)
+            context = context.reshape(z.shape[0], self.context_dim)
         eps = None
         if self.trace == "hutchinson":
             eps = torch.randn_like(z) if self.noise == "gaussian" else torch.empty_like(z).bernoulli_(0.5) * 2 - 1
@@ -471,8 +357,7 @@ class ContinuousFlow(FlowTransform):
     def _traced_step_count(self) -> int:
         """The fixed grid's step count under tracing; warns once that it is frozen into the trace."""
         n = self.traced_steps or max(self._adaptive_steps or 0, TRACED_MIN_STEPS)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"traced_steps must be an integer >= 1 or None, got {n!r}")
+        check_int(n, "traced_steps", 1, example=TRACED_MIN_STEPS, note="or None: the last adaptive solve's count")
         if not self._warned_traced:
             self._warned_traced = True
             warnings.warn(
@@ -500,7 +385,7 @@ class ContinuousFlow(FlowTransform):
     def _torchdiffeq(self, func: _Dynamics, z: Tensor, start: float, end: float, context: Tensor | None):
         times = torch.tensor([start, end], dtype=z.dtype, device=z.device)
         options = dict(self.options)
-        if self.trace_weight != 1 and not issubclass(SOLVERS[self.solver], FixedGridODESolver):
+        if self.trace_weight != 1 and self.solver not in torchdiffeq_fixed_grid_methods():
             w = self.trace_weight
             options["norm"] = lambda s: torch.maximum(rms_norm(s[0]), w * rms_norm(s[1]))
         kwargs = dict(rtol=self.rtol, atol=self.atol, method=self.solver, options=options)
@@ -515,18 +400,85 @@ class ContinuousFlow(FlowTransform):
         return zs[-1], a[-1]
 
 
-def _broadcast_context(context: Tensor, batch_shape: torch.Size) -> Tensor:
-    try:
-        ok = torch.broadcast_shapes(context.shape[:-1], batch_shape) == batch_shape
-    except RuntimeError:
-        ok = False
-    if not ok:
+def check_options(
+    hidden_dims: Iterable[int] = (64, 64),
+    context_dim: int = 0,
+    *,
+    trace: str = "auto",
+    noise: str = "rademacher",
+    solver: str = "dopri5",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    t1: float = 1.0,
+    gradient: str | None = None,
+    adjoint: bool | None = None,
+    trace_weight: float = 1.0,
+    exact_trace_max_dim: int = 10,
+    activation: str = "tanh",
+    options: Mapping | None = None,
+    _stacklevel: int = 3,
+) -> dict:
+    """:class:`ContinuousFlow`'s options (all but ``dim``) checked without building its network, normalized:
+    ``gradient`` resolved (``adjoint`` folded into it, with a ``DeprecationWarning``), numbers as floats,
+    ``hidden_dims`` a tuple, ``options`` a dict. A preset checks its options here before any model is seen."""
+    if adjoint is not None:
+        _warn_adjoint(_stacklevel)
+        if adjoint and gradient not in (None, "adjoint"):
+            raise ValueError(f"gradient={gradient!r} contradicts adjoint=True (drop adjoint, use gradient= alone)")
+        gradient = "adjoint" if adjoint else gradient
+    options = dict(options or {})
+    check_choice(solver, METHODS, "solver")
+    if solver in torchdiffeq_fixed_grid_methods() and not {"step_size", "grid_constructor"} & options.keys():
         raise ValueError(
-            f"context batch shape {tuple(context.shape[:-1])} must broadcast to the input's batch shape "
-            f"{tuple(batch_shape)}"
+            f"solver={solver!r} takes fixed steps: pass options={{'step_size': ...}}, "
+            f"or use an adaptive solver such as 'dopri5'"
         )
-    return context.expand(*batch_shape, context.shape[-1])
+    return dict(
+        hidden_dims=check_hidden_dims(hidden_dims),
+        context_dim=check_nonneg_int(context_dim, "context_dim", note="0: no context"),
+        exact_trace_max_dim=check_nonneg_int(exact_trace_max_dim, "exact_trace_max_dim", example=10),
+        trace=check_choice(trace, TRACES, "trace"),
+        noise=check_choice(noise, NOISES, "noise"),
+        solver=solver,
+        options=options,
+        rtol=check_positive_float(rtol, "rtol", example=1e-5),
+        atol=check_positive_float(atol, "atol", example=1e-5),
+        t1=check_positive_float(t1, "t1"),
+        gradient=_check_gradient("backprop" if gradient is None else gradient, solver, options),
+        trace_weight=check_positive_float(trace_weight, "trace_weight"),
+        activation=check_choice(activation, SMOOTH_ACTIVATIONS, "activation"),
+    )
 
 
-# The bound view used to be its own class here; it is the shared one now.
-ConditionedFlow = Conditioned
+def _check_gradient(value: str, solver: str, options: Mapping) -> str:
+    check_choice(value, GRADIENTS, "gradient")
+    if value == "checkpoint" and solver != "dopri5":
+        raise ValueError(f"gradient='checkpoint' needs solver='dopri5', got solver={solver!r}")
+    if solver == "dopri5" and value != "adjoint" and not options.keys() <= DOPRI5_OPTIONS.keys():
+        raise ValueError(
+            f"options {sorted(options.keys() - DOPRI5_OPTIONS.keys())} are not taken by dopri5 with "
+            f"gradient={value!r}; allowed: {sorted(DOPRI5_OPTIONS)}"
+        )
+    return value
+
+
+def _warn_adjoint(stacklevel: int = 3) -> None:
+    warnings.warn(
+        "ContinuousFlow's adjoint flag is deprecated: use gradient='adjoint' (adjoint=True) or "
+        "gradient='backprop' (adjoint=False)",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def __getattr__(name: str):
+    """``ConditionedFlow``: the deprecated name of :class:`~.base.Conditioned`, the shared bound view."""
+    if name == "ConditionedFlow":
+        warnings.warn(
+            "vi_flows.transforms.continuous.ConditionedFlow is deprecated: use vi_flows.transforms.base.Conditioned "
+            "(what ContinuousFlow.condition(context) returns)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return Conditioned
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,58 +2,29 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .base import ComposeFlow, ConditionalFlowTransform, FlowTransform, activation_factory, check_dim, check_hidden_dims
+from ..validate import check_bool, check_hidden_dims, check_nonneg_int, check_positive_float, check_positive_int
+from .base import ComposeFlow, ConditionalFlowTransform, FlowTransform
+from .linear import InvertibleLinear
+from .networks import _Constant as _Constant
+from .networks import mlp, soft_bound
+from .stack import ConditionalComposeFlow
 
 __all__ = ["AffineCoupling", "coupling_stack", "mlp", "soft_bound"]
 
 
-def soft_bound(s: Tensor, bound: float) -> Tensor:
-    """``a·tanh(s/a)``: the identity near 0, smooth, and inside ``(−a, a)``."""
-    return bound * torch.tanh(s / bound)
-
-
 def check_bound(bound: float, name: str = "log_scale_bound") -> float:
-    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not (0 < bound < math.inf):
-        raise ValueError(f"{name} must be a positive finite number, got {bound!r}")
-    return float(bound)
+    """A positive finite bound (a log-scale bound, a spline's window), as a float."""
+    return check_positive_float(bound, name, example=3.0 if name == "log_scale_bound" else 5.0)
 
 
 def check_context_dim(context_dim: int) -> int:
-    if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 0:
-        raise ValueError(f"context_dim must be an integer >= 0 (0: no context), got {context_dim!r}")
-    return context_dim
-
-
-class _Constant(nn.Module):
-    """The conditioner of a coupling with nothing to condition on: learned outputs."""
-
-    def __init__(self, out_dim: int):
-        super().__init__()
-        self.out = nn.Parameter(torch.zeros(out_dim))
-
-    def forward(self, h: Tensor) -> Tensor:
-        return self.out.expand(*h.shape[:-1], -1)
-
-
-def mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int, activation: str | Callable[[], nn.Module]) -> nn.Module:
-    """``Linear → act → … → Linear``, the last layer zero-initialized (outputs start at 0)."""
-    activation = activation_factory(activation)
-    if in_dim == 0:
-        return _Constant(out_dim)
-    dims = [in_dim, *hidden_dims]
-    layers: list[nn.Module] = []
-    for a, b in zip(dims[:-1], dims[1:]):
-        layers += [nn.Linear(a, b), activation()]
-    last = nn.Linear(dims[-1], out_dim)
-    nn.init.zeros_(last.weight)
-    nn.init.zeros_(last.bias)
-    return nn.Sequential(*layers, last)
+    """The width of a layer's context, ``0`` for none."""
+    return check_nonneg_int(context_dim, "context_dim", example=0, note="0: no context")
 
 
 class _Coupling(ConditionalFlowTransform):
@@ -67,11 +38,7 @@ class _Coupling(ConditionalFlowTransform):
         super().__init__(dim)
         self.hidden_dims = check_hidden_dims(hidden_dims)
         self.context_dim = check_context_dim(context_dim)
-        if not isinstance(swap, bool):
-            raise ValueError(f"swap must be True or False, got {swap!r}")
-        if not isinstance(interleave, bool):
-            raise ValueError(f"interleave must be True or False, got {interleave!r}")
-        self.swap, self.interleave = swap, interleave and dim > 1
+        self.swap, self.interleave = check_bool(swap, "swap"), check_bool(interleave, "interleave") and dim > 1
         if self.interleave:
             odd, even = slice(1, None, 2), slice(0, None, 2)
             self._keep, self._change = (even, odd) if swap else (odd, even)
@@ -102,29 +69,36 @@ class AffineCoupling(_Coupling):
     ``x₁`` are the first ``split = dim // 2`` coordinates (``swap=True``: the
     last ``split``), ``x₂`` the rest; with ``interleave=True``, ``x₁`` are the
     odd-indexed coordinates (``swap=True``: the even-indexed ones), as in
-    zuko's ``RealNVP``. ``(s', t) = MLP(x₁[, context])``. The
-    inverse is closed-form, ``x₂ = y₂ ⊙ exp(−s(y₁)) + t(y₁)``; both
-    directions cost one network pass. This is RealNVP's
-    ``y₂ = x₂ ⊙ exp(s) + t'`` with ``t' = −t exp(s)``: the same family, but the
-    shift is added after the scaling in the density direction (as in zuko),
-    which fits data better: held-out NLL on two moons 0.40 ± 0.01 against
-    0.53 ± 0.08 nats for ``t'`` (3 seeds, 1500 steps). Stacks alternate the
-    halves (a :class:`~.permute.Reverse` or :class:`~.linear.InvertibleLinear`
-    between layers, see :func:`coupling_stack`). Interleaved halves suit
-    data whose neighbouring coordinates are correlated (images): on 64-D
-    digits (8×8 pixels) they gave a held-out NLL 4.1 nats lower than
-    first/last halves (5 layers, no linear mixing, one seed,
-    ``benchmarks/density.py``).
+    zuko's ``RealNVP``. ``(s', t) = MLP(x₁[, context])``. The inverse is
+    closed-form, ``x₂ = y₂ ⊙ exp(−s(y₁)) + t(y₁)``; both directions cost one
+    network pass. This is RealNVP's ``y₂ = x₂ ⊙ exp(s) + t'`` with
+    ``t' = −t exp(s)``: the same family, but the shift is added after the
+    scaling in the density direction (as in zuko), which fit held-out data
+    better. Stacks alternate the halves (a :class:`~.permute.Reverse` or
+    :class:`~.linear.InvertibleLinear` between layers, see
+    :func:`coupling_stack`).
 
-    The log-scale is ``s = a·tanh(s'/a)`` with ``a = log_scale_bound`` (3 by
-    default). Unbounded, one confident layer can scale by ``e^{20}``, and the
-    products of such scales at depth overflow the inverse: stacks of 32 layers
-    in 19-D go NaN. A hard clamp bounds it too, but its gradient is zero past
-    the bounds (a saturated unit never recovers), or, in Pyro's
-    ``clamp_preserve_gradients``, not the gradient of the function computed;
-    ``tanh`` is smooth, the identity near 0, and its gradient is the true one.
+    Shapes: ``x (..., dim)``, ``context (..., context_dim)``; ``log|det J|``
+    has shape ``x.shape[:-1]``.
+
+    Defaults, each for one reason:
+
+    - ``hidden_dims=(64, 64)``: zuko's width, enough for the 2-D to 64-D
+      targets of ``docs/benchmarks.md``.
+    - ``interleave=False``: first/last halves; interleaved halves suit data
+      whose neighbouring coordinates are correlated (images, see
+      ``docs/benchmarks.md``).
+    - ``log_scale_bound=3``: ``s = a·tanh(s'/a)``, ``a = 3``, scales a
+      coordinate by at most ``e³`` per layer. Unbounded, one confident layer
+      can scale by ``e^{20}`` and the product of such scales in a deep stack
+      overflows the inverse; a hard clamp has zero gradient past the bounds
+      (or, in Pyro's ``clamp_preserve_gradients``, not the gradient of the
+      function computed); ``tanh`` is smooth, the identity near 0, and its
+      gradient is the true one.
+    - ``activation=nn.ReLU``: the usual choice for coupling conditioners
+      (any name in :data:`~.networks.ACTIVATIONS` or an ``nn.Module`` class).
+
     The last network layer starts at zero, so the layer starts as the identity.
-
     With ``context_dim > 0`` the network also reads a context ``c``: use
     ``condition(c)``. ``dim = 1`` has nothing to condition on, and the layer
     is a learned elementwise affine map (plus the context, if any).
@@ -195,12 +169,8 @@ def coupling_stack(
     (see :class:`AffineCoupling`). With ``context_dim > 0`` the result is a
     :class:`~.stack.ConditionalComposeFlow`.
     """
-    from .linear import InvertibleLinear
-    from .stack import ConditionalComposeFlow
-
-    check_dim(dim)
-    if isinstance(num_flows, bool) or not isinstance(num_flows, int) or num_flows < 1:
-        raise ValueError(f"num_flows must be an integer >= 1, got {num_flows!r}")
+    check_positive_int(dim, "dim")
+    check_positive_int(num_flows, "num_flows", example=4)
     parts: list[FlowTransform] = []
     for k in range(num_flows):
         if linear and dim > 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..validate import check_choice
 from .base import FlowTransform
 
 __all__ = ["InvertibleLinear"]
@@ -27,15 +28,15 @@ class InvertibleLinear(FlowTransform):
     (``P = L = I``, ``U = 0``, ``s = 1``) suits guides, which must start at
     their base Gaussian.
 
+    Shapes: ``x (..., dim)``; ``log|det J|`` has shape ``x.shape[:-1]``.
+
     Reference: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1×1
     Convolutions", NeurIPS 2018, section 3.2.
     """
 
     def __init__(self, dim: int, init: str = "rotation"):
         super().__init__(dim)
-        if init not in ("rotation", "identity"):
-            raise ValueError(f"init must be 'rotation' or 'identity', got {init!r}")
-        self.init = init
+        self.init = check_choice(init, ("rotation", "identity"), "init")
         q = torch.eye(dim, dtype=torch.float64)
         if init == "rotation":
             q = torch.linalg.qr(torch.randn(dim, dim, dtype=torch.float64))[0]

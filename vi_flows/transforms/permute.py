@@ -17,7 +17,8 @@ class Permute(FlowTransform):
 
     ``permutation`` is a rearrangement of ``range(dim)``; the default reverses
     the coordinates. ``π`` and ``π⁻¹`` are buffers, so ``.to(device)`` moves
-    them and they round-trip through ``state_dict``.
+    them and they round-trip through ``state_dict``. Shapes: ``x (..., dim)``;
+    ``log|det J| = 0`` has shape ``x.shape[:-1]``.
     """
 
     volume_preserving = True

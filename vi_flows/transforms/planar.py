@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._roots import solve_increasing
-from .base import FlowTransform
+from .base import ContextHeadStack, FlowTransform
 
-__all__ = ["Planar", "PlanarStack"]
+__all__ = ["ConditionalPlanar", "Planar", "PlanarStack"]
 
 MARGIN = 1e-4
 
@@ -161,3 +161,33 @@ class PlanarStack(FlowTransform):
         for w, b, u_hat, wu_hat in reversed(list(self._layers())):
             y = planar_inverse(y, w, b, u_hat, wu_hat)
         return y
+
+
+class ConditionalPlanar(ContextHeadStack):
+    r"""``num_flows`` planar layers ``y = x + û(c) tanh(w(c)ᵀx + b(c))`` with ``(u, w, b)`` linear in ``c``.
+
+    Per example and layer, ``w = W_w c + a_w``, ``b = W_b c + a_b`` and ``u = W_u c + a_u + u₀(w)``, where
+    ``u₀(w)`` (:func:`identity_u`) makes ``û = 0``; ``W_u, a_u`` start at zero so that every layer starts as
+    the identity for every context (``q`` starts as its Gaussian). ``û`` and
+    ``log|det J| = log(1 + (1 − h²) wᵀû)`` are those of :class:`Planar`. Shapes: ``x (*batch_x, dim)``,
+    ``context (*batch_c, context_dim)``, broadcasting (:class:`~.base.ConditionalFlowTransform`).
+
+    Reference: Rezende & Mohamed, "Variational Inference with Normalizing Flows", ICML 2015, §6.2.
+    """
+
+    def __init__(self, dim: int, num_flows: int, context_dim: int):
+        super().__init__(dim, num_flows, context_dim)
+        k = self.num_flows
+        self.heads = nn.ModuleList([nn.Linear(context_dim, k * dim), nn.Linear(context_dim, k * dim)])
+        self.heads.append(nn.Linear(context_dim, k))
+        nn.init.zeros_(self.heads[1].weight)
+        nn.init.zeros_(self.heads[1].bias)
+
+    def params(self, context: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """``(w, b, û, wᵀû)`` per layer, of shapes ``(*batch_c, d)`` (``w, û``) and ``(*batch_c,)`` (``b, wᵀû``)."""
+        w, u, b = self._heads(context, self.dim, self.dim, 1)
+        u_hat, wu_hat = planar_u_hat(u + identity_u(w), w)
+        return list(zip(w.unbind(-2), b.squeeze(-1).unbind(-1), u_hat.unbind(-2), wu_hat.unbind(-1)))
+
+    _layer_call = staticmethod(planar_call)
+    _layer_inverse = staticmethod(planar_inverse)

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import FlowTransform
+from .base import ContextHeadStack, FlowTransform
 
-__all__ = ["Radial", "RadialStack"]
+__all__ = ["ConditionalRadial", "Radial", "RadialStack"]
 
 
 def radial_alpha_beta(alpha_raw: Tensor, beta_raw: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,3 +107,34 @@ class RadialStack(FlowTransform):
         for x0, alpha, beta in reversed(list(self._layers())):
             y = radial_inverse(y, x0, alpha, beta)
         return y
+
+
+class ConditionalRadial(ContextHeadStack):
+    r"""``num_flows`` radial layers ``y = x + β(c) (x − x₀(c))/(α(c) + ‖x − x₀(c)‖)``, ``(x₀, α', β')`` linear in ``c``.
+
+    ``α = softplus(α')``, ``β = −α + softplus(β')`` as in :class:`Radial`; ``β' = W_β c + a_β + β'₀(α')``
+    with ``β'₀`` (:func:`identity_beta_raw`) giving ``β = 0`` and ``W_β, a_β`` starting at zero, so that
+    every layer starts as the identity for every context. ``log|det J|`` as in :class:`Radial`. Shapes:
+    ``x (*batch_x, dim)``, ``context (*batch_c, context_dim)``, broadcasting.
+
+    Reference: Rezende & Mohamed, ICML 2015; van den Berg, Hasenclever, Tomczak, Welling,
+    "Sylvester Normalizing Flows for Variational Inference", UAI 2018 (amortized radial baseline).
+    """
+
+    def __init__(self, dim: int, num_flows: int, context_dim: int):
+        super().__init__(dim, num_flows, context_dim)
+        k = self.num_flows
+        self.heads = nn.ModuleList([nn.Linear(context_dim, k * dim), nn.Linear(context_dim, k)])
+        self.heads.append(nn.Linear(context_dim, k))
+        nn.init.zeros_(self.heads[2].weight)
+        nn.init.zeros_(self.heads[2].bias)
+
+    def params(self, context: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """``(x₀, α, β)`` per layer, shapes ``(*batch_c, d)``, ``(*batch_c,)``, ``(*batch_c,)``."""
+        x0, alpha_raw, beta_raw = self._heads(context, self.dim, 1, 1)
+        alpha_raw = alpha_raw.squeeze(-1)
+        alpha, beta = radial_alpha_beta(alpha_raw, beta_raw.squeeze(-1) + identity_beta_raw(alpha_raw))
+        return list(zip(x0.unbind(-2), alpha.unbind(-1), beta.unbind(-1)))
+
+    _layer_call = staticmethod(radial_call)
+    _layer_inverse = staticmethod(radial_inverse)

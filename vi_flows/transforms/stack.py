@@ -7,7 +7,8 @@ from collections.abc import Callable, Iterable
 from torch import Tensor
 from torch.distributions import Transform
 
-from .base import ComposeFlow, FlowTransform, check_dim
+from ..validate import check_positive_int
+from .base import ComposeFlow, FlowTransform
 from .permute import Reverse
 
 __all__ = ["ConditionalComposeFlow", "is_conditional", "stack"]
@@ -26,9 +27,8 @@ def stack(make_layer: Callable[[], FlowTransform], num_flows: int, *, dim: int, 
     every input. Returns a :class:`ConditionalComposeFlow` when any layer takes
     a context, else a plain :class:`ComposeFlow`.
     """
-    check_dim(dim)
-    if isinstance(num_flows, bool) or not isinstance(num_flows, int) or num_flows < 1:
-        raise ValueError(f"num_flows must be an integer >= 1, got {num_flows!r}")
+    check_positive_int(dim, "dim")
+    check_positive_int(num_flows, "num_flows", example=4)
     parts: list[FlowTransform] = []
     for k in range(num_flows):
         if permute and k > 0:

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._roots import solve_increasing
-from .base import FlowTransform
+from .base import ContextHeadStack, FlowTransform, check_dim
 
-__all__ = ["Sylvester", "householder_product", "sylvester_call", "sylvester_inverse"]
+__all__ = ["ConditionalSylvester", "Sylvester", "householder_product", "sylvester_call", "sylvester_inverse"]
 
 MARGIN = 1e-4
 
@@ -157,3 +157,67 @@ class Sylvester(FlowTransform):
 
     def _inverse(self, y: Tensor) -> Tensor:
         return sylvester_inverse(y, *self.matrices(), self.b)
+
+
+class ConditionalSylvester(ContextHeadStack):
+    r"""``num_flows`` Householder Sylvester layers ``y = x + Q(c) R(c) tanh(R̃(c) Q(c)ᵀ x + b(c))``, all amortized.
+
+    As in van den Berg et al.'s amortized Householder Sylvester flow, every parameter is a linear head of
+    the context, per example and layer: one ``d × d`` matrix whose strict upper triangle is ``R``'s and whose
+    strict lower triangle, transposed, is ``R̃``'s; the diagonals ``(a, ρ)`` of :class:`Sylvester`
+    (``R̃_ii = exp ρ_i``, ``R_ii R̃_ii = −1 + δ + softplus(a_i) > −1``); ``b``; and the ``num_householder``
+    vectors whose reflections make ``Q(c)``. ``log|det J| = Σ_i log(1 + R_ii R̃_ii h'(·)_i)``. The heads of
+    ``R``'s entries start at zero (``R = 0``), so every layer starts as the identity for every context.
+    Cost per example and layer: ``O(H d²)`` to form ``Q``, ``O(d²)`` to apply it; the inverse is
+    :func:`sylvester_inverse` (back substitution). Shapes: ``x (*batch_x, dim)``,
+    ``context (*batch_c, context_dim)``, broadcasting.
+
+    ``num_householder`` default ``min(d, 8)``: ``d`` reflections reach every orthogonal ``Q``, and the cap
+    bounds the ``O(H d²)`` cost per example at large ``d``.
+
+    The heads read ``c / √C`` (``C = context_dim``): under Adam a head weight moves by about ``lr`` per step
+    whatever its gradient, so an output ``Wc + a`` moves by about ``lr ‖c‖₁``; with ``d² + (H + 3) d``
+    outputs per layer, unscaled heads made the flow per-example noise within a few steps and its gradient
+    into ``c`` outgrew the Gaussian head's, collapsing the encoder (the digits VAE in
+    ``docs/benchmarks.md``). The scale divides both by ``√C``.
+
+    Reference: van den Berg, Hasenclever, Tomczak, Welling, "Sylvester Normalizing Flows for Variational
+    Inference", UAI 2018, §3 and their amortized implementation.
+    """
+
+    def __init__(self, dim: int, num_flows: int, context_dim: int, num_householder: int | None = None):
+        super().__init__(dim, num_flows, context_dim)
+        h = min(dim, 8) if num_householder is None else check_dim(num_householder, "num_householder")
+        self.num_householder = h
+        k = self.num_flows
+        # heads: full (R above, R̃ below the diagonal), diag_raw a, log R̃_ii ρ, b, Householder vectors
+        sizes = (dim * dim, dim, dim, dim, h * dim)
+        self.heads = nn.ModuleList([nn.Linear(context_dim, k * s) for s in sizes])
+        with torch.no_grad():
+            full = self.heads[0]
+            upper = torch.ones(dim, dim, dtype=torch.bool).triu(1).repeat(k, 1, 1).flatten()
+            full.weight[upper] = 0.0
+            full.bias[upper] = 0.0
+            full.weight.mul_(1 / math.sqrt(dim))  # R̃'s rows: the scale of Sylvester's init
+            nn.init.zeros_(self.heads[1].weight)
+            nn.init.constant_(self.heads[1].bias, identity_diag_raw())
+            nn.init.zeros_(self.heads[2].weight)
+            nn.init.zeros_(self.heads[2].bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_householder={self.num_householder}"
+
+    def params(self, context: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """``(Q, R, R̃, b)`` per layer, of shapes ``(*batch_c, d, d)`` and ``(*batch_c, d)`` (``b``)."""
+        d = self.dim
+        context = context * self.context_dim**-0.5
+        full, diag_raw, log_rt_diag, b, v = self._heads(context, d * d, d, d, d, self.num_householder * d)
+        full = full.unflatten(-1, (d, d))
+        r_diag, rt_diag = sylvester_diagonals(diag_raw, log_rt_diag)
+        r = full.triu(1) + torch.diag_embed(r_diag)
+        rt = full.mT.triu(1) + torch.diag_embed(rt_diag)
+        q = householder_product(v.unflatten(-1, (self.num_householder, d)))
+        return list(zip(q.unbind(-3), r.unbind(-3), rt.unbind(-3), b.unbind(-2)))
+
+    _layer_call = staticmethod(sylvester_call)
+    _layer_inverse = staticmethod(sylvester_inverse)
