@@ -73,6 +73,37 @@ def test_posteriors_quick(bench, tmp_path):
     assert text.count("| model |") == 2
 
 
+@pytest.mark.parametrize("script", ["energies", "posteriors"])
+def test_defaults_quick(bench, tmp_path, script):
+    # --defaults: AutoX(model) trained by vi_flows.fit's defaults alone (num_steps capped by --quick), own outputs
+    module = bench(script)
+    module.main(["--defaults", "--quick", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / f"{script}_defaults.json").read_text())
+    assert data["defaults"] is True and not (tmp_path / f"{script}.json").exists()
+    rows = data["rows"] if script == "energies" else data["main"]
+    problem = "target" if script == "energies" else "model"
+    problems = list(dict.fromkeys(r[problem] for r in rows))
+    assert len(problems) == 2
+    pairs = [(r[problem], r["guide"]) for r in rows]
+    assert pairs == [(p, g) for p in problems for g in module.DEFAULTS_QUICK_GUIDES]  # one row per guide × problem
+    scores = ["kl", "elbo", "iwae", "khat"] if script == "energies" else ["elbo", "iwae", "khat", "mean_err_max"]
+    for r in rows:
+        assert "failed" not in r
+        assert all(math.isfinite(r[k]) for k in scores + ["ms_per_step", "seconds"])
+        assert r["steps"] == module.DEFAULTS_QUICK_STEPS and r["seconds"] > 0
+        assert r["iwae"] >= r["elbo"]  # log-mean-exp >= mean, exactly
+    table = _table_rows(tmp_path / f"{script}_defaults.md")
+    assert len(table) == len(rows) // (2 if script == "energies" else 1)
+    text = module.docs_text_defaults(data)
+    assert "fit`'s defaults" in text and f"python benchmarks/{script}.py --defaults --quick" in text
+
+
+def test_defaults_refuses_training_options(bench):
+    for script in ("energies", "posteriors"):
+        with pytest.raises(SystemExit):
+            bench(script).main(["--defaults", "--quick", "--lr", "0.1"])
+
+
 def _density_quick(bench, tmp_path, data, skip):
     rows = bench("density").main(["--quick", "--data", data, "--out", str(tmp_path), "--skip", *skip])
     saved = json.loads((tmp_path / "density-quick.json").read_text())["rows"]

@@ -36,6 +36,7 @@ from vi_flows.transforms import (
     Radial,
     RadialStack,
     Reverse,
+    SinhArcsinh,
     SplineCoupling,
     Sylvester,
     affine_iaf_stack,
@@ -190,6 +191,7 @@ CASES: list[Case] = [
     C("radial", "Radial", lambda: Radial(3), S10, 2.0, **NEWTON),
     C("radial-stack", "RadialStack", lambda: RadialStack(3, 3), S7, 2.0, **NEWTON),
     C("sylvester", "Sylvester", lambda: Sylvester(3, num_householder=2), S7, 2.0, **NEWTON),
+    C("sinh-arcsinh", "SinhArcsinh", lambda: SinhArcsinh(3), A3, 2.0, init_grads=True),
     C("iaf", "InverseAutoregressive", lambda: InverseAutoregressive(3), S7, init_grads=True),
     # d = 1: MADE masks every input weight, so m and s are the output biases alone
     C("iaf-d1", "InverseAutoregressive", lambda: InverseAutoregressive(1), S7, static_params=("arn",), init_grads=True),

@@ -44,6 +44,7 @@ from ._cli_folder import (  # noqa: F401  (re-exported: the names cli.py and old
 )
 from ._cli_report import _report, diagnose_command, report  # noqa: F401
 from .families import FAMILIES
+from .validate import discrete_site_advice
 
 
 def run(args: argparse.Namespace) -> int:
@@ -219,10 +220,7 @@ def _preflight(model) -> None:
         )
     for site in latent:
         if site["fn"].support.is_discrete:
-            raise FitError(
-                f"latent site {site['name']!r} is discrete ({type(site['fn']).__name__}); vi-flows fit guides "
-                "continuous latents only: marginalize it out of the model"
-            )
+            raise FitError(discrete_site_advice(site["name"], site["fn"]))
 
 
 def _make_guide(name: str, model, flows: int | None):

@@ -5,15 +5,18 @@
 2. Eight schools (centered), the classic funnel where mean-field VI fails.
 
 For each guide it prints steps, seconds, the ELBO, the importance-weighted
-bound and PSIS k-hat, and saves a PNG of the fitted energy densities.
+bound and PSIS k-hat, and saves a PNG of the fitted energy densities. The two
+problems run in two processes where there are two cores.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyro
@@ -21,12 +24,13 @@ import pyro.distributions as dist
 import torch
 from pyro.infer.autoguide import AutoNormal
 
-from .diagnostics import diagnose
+from .diagnostics import KHAT_GOOD, KHAT_OK, diagnose
 from .energies import LOG_Z, energy_model, log_density
 from .families import FAMILIES
 from .training import fit
+from .validate import check_positive_int
 
-__all__ = ["eight_schools", "run_demo"]
+__all__ = ["demo_row", "eight_schools", "run_demo"]
 
 SCHOOLS_Y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
 SCHOOLS_SIGMA = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
@@ -51,42 +55,63 @@ def _guides(quick: bool) -> dict[str, tuple[Callable, int | None]]:
     return {"AutoNormal": (AutoNormal, 500 if quick else None), **{g.__name__: (g, n) for g, n in flows.items()}}
 
 
-def _run(problem: str, model, guides, seed: int, progress: bool, log_z: float | None):
+PROBLEMS = ("energy U3", "eight schools")
+ENERGY = "U3"
+
+
+def _problem(problem: str) -> tuple[Callable, float | None]:
+    """``(model, exact log Z or None)``."""
+    if problem == PROBLEMS[0]:
+        return energy_model(ENERGY), LOG_Z[ENERGY]
+    return eight_schools, None
+
+
+def _solve(problem: str, quick: bool, seed: int, progress: bool) -> tuple[list[dict], dict]:
+    """Fit every guide to one problem: its table rows and, for the energy, each fitted density on a grid.
+
+    Runs in a worker process of its own when the demo has two cores, so it returns tensors, not guides.
+    """
+    torch.set_num_threads(1)  # tiny models: threads only add overhead
     rows, fitted = [], {}
-    for name, (make, steps) in guides.items():
-        pyro.clear_param_store()
-        guide = make(model)
-        start = time.perf_counter()
-        budget = {} if steps is None else {"num_steps": steps}
-        result = fit(model, guide, seed=seed, progress=progress, **budget)  # fit's defaults: nothing tuned
-        seconds = time.perf_counter() - start
-        diag = diagnose(model, guide, num_samples=10000, seed=seed)
-        row = {
-            "problem": problem,
-            "guide": name,
-            "steps": result.num_steps,
-            "seconds": round(seconds, 1),
-            "ELBO": round(diag.elbo, 3),
-            "IWAE": round(diag.iwae, 3),
-            "k_hat": round(diag.khat, 2),
-        }
-        if log_z is not None:
-            row["KL(q||p)"] = round(log_z - diag.elbo, 3)
+    for name in _guides(quick):
+        row, fitted[name] = demo_row(problem, name, quick, seed, progress)
         rows.append(row)
-        fitted[name] = guide
-    return rows, fitted
+    return rows, (_panels(fitted) if _problem(problem)[1] is not None else {})
 
 
-def _plot(fitted: dict, energy: str, path: Path) -> None:
-    import matplotlib
+def demo_row(problem: str, name: str, quick: bool = False, seed: int = 0, progress: bool = False) -> tuple[dict, Any]:
+    """One row of the demo's table, and the fitted guide: guide ``name`` fitted to ``problem`` with its defaults."""
+    model, log_z = _problem(problem)
+    make, steps = _guides(quick)[name]
+    pyro.clear_param_store()
+    guide = make(model)
+    start = time.perf_counter()
+    budget = {} if steps is None else {"num_steps": steps}
+    result = fit(model, guide, seed=seed, progress=progress, **budget)  # fit's defaults: nothing tuned
+    seconds = time.perf_counter() - start
+    diag = diagnose(model, guide, num_samples=10000, seed=seed)
+    row = {
+        "problem": problem,
+        "guide": name,
+        "steps": result.num_steps,
+        "seconds": round(seconds, 1),
+        "ELBO": round(diag.elbo, 3),
+        "IWAE": round(diag.iwae, 3),
+        "k_hat": round(diag.khat, 2),
+    }
+    if log_z is not None:
+        row["KL(q||p)"] = round(log_z - diag.elbo, 3)
+    return row, guide
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    lim, n = 4.0, 200
-    axis = torch.linspace(-lim, lim, n)
+GRID_LIM, GRID_N = 4.0, 200
+
+
+def _panels(fitted: dict) -> dict[str, torch.Tensor]:
+    """``{title: log density on the GRID_N² grid}``: the true energy, then each fitted guide."""
+    axis = torch.linspace(-GRID_LIM, GRID_LIM, GRID_N)
     zz = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)
-    panels = {f"true {energy}": log_density(energy, zz)}
+    panels = {f"true {ENERGY}": log_density(ENERGY, zz)}
     with torch.no_grad():
         for name, guide in fitted.items():
             if hasattr(guide, "get_posterior"):
@@ -95,6 +120,16 @@ def _plot(fitted: dict, energy: str, path: Path) -> None:
                 loc = torch.stack([guide.locs.z[0], guide.locs.z[1]])
                 scale = torch.stack([guide.scales.z[0], guide.scales.z[1]])
                 panels[name] = dist.Normal(loc, scale).log_prob(zz).sum(-1)
+    return panels
+
+
+def _plot(panels: dict[str, torch.Tensor], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lim, n = GRID_LIM, GRID_N
     fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2))
     for ax, (name, logp) in zip(axes, panels.items()):
         ax.imshow(logp.exp().reshape(n, n), extent=(-lim, lim, -lim, lim), origin="lower", cmap="viridis")
@@ -106,24 +141,40 @@ def _plot(fitted: dict, energy: str, path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(quick: bool = False, seed: int = 0, out: str | Path = ".", progress: bool = True) -> pd.DataFrame:
-    """Fit the five guides to U3 and eight schools; print the table; save ``demo_densities.png``."""
-    torch.set_num_threads(1)  # tiny models: threads only add overhead
-    energy = "U3"
-    rows, fitted = _run(f"energy {energy}", energy_model(energy), _guides(quick), seed, progress, LOG_Z[energy])
-    school_rows, _ = _run("eight schools", eight_schools, _guides(quick), seed, progress, None)
+def _solve_all(quick: bool, seed: int, progress: bool, workers: int) -> list[tuple[list[dict], dict]]:
+    """Both problems, in ``workers`` processes (``spawn``: safe with torch's thread pools) or in this one."""
+    if workers < 2:
+        return [_solve(problem, quick, seed, progress) for problem in PROBLEMS]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # Two bars redrawn from two processes garble each other: the workers fit quietly.
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = [pool.submit(_solve, problem, quick, seed, False) for problem in PROBLEMS]
+        return [job.result() for job in jobs]
+
+
+def run_demo(
+    quick: bool = False, seed: int = 0, out: str | Path = ".", progress: bool = True, workers: int | None = None
+) -> pd.DataFrame:
+    """Fit the five guides to U3 and eight schools; print the table; save ``demo_densities.png``.
+
+    ``workers``: processes for the two problems (default: 2 where the machine has 2 cores or more).
+    """
+    workers = min(2, os.cpu_count() or 1) if workers is None else check_positive_int(workers, "workers")
+    (rows, panels), (school_rows, _) = _solve_all(quick, seed, progress, workers)
     table = pd.DataFrame(rows + school_rows)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     png = out / "demo_densities.png"
-    _plot(fitted, energy, png)
+    _plot(panels, png)
     with pd.option_context("display.width", 120, "display.max_columns", 20):
         print()
         print(table.to_string(index=False, na_rep=""))
     print(
         "\nEvery guide and fit with its defaults. KL(q||p) = log Z - ELBO (exact log Z of the energy)."
-        " k_hat < 0.5: the guide is close enough for importance sampling; 0.5-0.7: usable with PSIS;"
-        " > 0.7: unreliable (Yao et al. 2018)."
+        f" k_hat < {KHAT_GOOD}: the guide is close enough for importance sampling; {KHAT_GOOD}-{KHAT_OK}: usable"
+        f" with PSIS; > {KHAT_OK}: unreliable (Yao et al. 2018)."
     )
     print(f"Fitted densities: {png.resolve()}")
     if not math.isfinite(float(table["ELBO"].min())):

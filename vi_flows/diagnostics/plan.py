@@ -20,6 +20,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.subsample_messenger import SubsampleMessenger
 
+from ..validate import check_continuous_site
 from .sites import _sample_sites, _subsampled_plates
 
 #: The plate the vectorized replay draws its ``S`` particles in, at ``dim = -(max_plate_nesting + 1)``.
@@ -78,11 +79,8 @@ def _plate_depth(guide_trace, model_trace) -> int:
     depth = 0
     for trace, who in ((model_trace, "model"), (guide_trace, "guide")):
         for site in _sample_sites(trace):
-            if not site["is_observed"] and site["fn"].support.is_discrete:
-                raise ValueError(
-                    f"{who} site {site['name']!r} is a discrete latent ({type(site['fn']).__name__}); "
-                    "diagnostics need continuous latent sites only (enumerate or marginalize it out of the model)"
-                )
+            if not site["is_observed"]:
+                check_continuous_site(site["name"], site["fn"], owner=f"diagnostics ({who})")
             dims = [-f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
             depth = max(depth, len(site["fn"].batch_shape), *dims)
     return depth

@@ -23,7 +23,8 @@ from ..objectives import PathGradientDistribution, path_gradient_active
 from ..start import INITS, MAX_DENSE_DIM, laplace, pathfinder
 from ..transforms.affine import Affine, affine_call
 from ..transforms.base import ComposeFlow, FlowTransform
-from ..validate import check_choice, check_positive_float
+from ..transforms.tails import SinhArcsinh
+from ..validate import check_bool, check_choice, check_positive_float
 from .sites import SiteChecks
 from .summaries import Summaries
 
@@ -71,6 +72,10 @@ class AutoFlow(SiteChecks, Summaries, AutoContinuous):
           with ``init_scale`` (with a warning).
         - ``None``: ``init_loc_fn`` with ``init_scale``, no pre-fit.
     :param laplace_steps: L-BFGS iterations of the pre-fit.
+    :param tails: end the flow with a :class:`~vi_flows.transforms.SinhArcsinh` layer (learned skew and
+        tail weight per coordinate, identity at the start), so ``q``'s tails can be heavier than a
+        Gaussian's where the posterior's are (a hierarchical scale). Default ``False`` here; each preset
+        sets its own.
 
     ``median`` is exact while the flow is the identity (at the start: the values ``init_loc_fn`` gave).
     Otherwise ``median`` and ``quantiles`` have no closed form for a flow: they are computed from
@@ -91,6 +96,7 @@ class AutoFlow(SiteChecks, Summaries, AutoContinuous):
         base: str = "diag",
         init: str | None = "auto",
         laplace_steps: int = 200,
+        tails: bool = False,
     ):
         if init_scale is not None:
             init_scale = check_positive_float(init_scale, "init_scale", example=0.1)
@@ -104,6 +110,7 @@ class AutoFlow(SiteChecks, Summaries, AutoContinuous):
         self._base = base
         self._init = init
         self._laplace_steps = laplace_steps
+        self._tails = check_bool(tails, "tails")
         self.start_info: str | None = None
         self._absolute_loc = False
         super().__init__(model, init_loc_fn=init_to_median if init_loc_fn is None else init_loc_fn)
@@ -187,6 +194,8 @@ class AutoFlow(SiteChecks, Summaries, AutoContinuous):
                     f"{type(self).__name__}: transform {type(layer).__name__} has dim={layer.dim}, but the model's "
                     f"latent dimension is {self.latent_dim}; pass a callable transforms=lambda d: [...]"
                 )
+        if self._tails:
+            layers.append(SinhArcsinh(self.latent_dim))
         flow = ComposeFlow(layers, dim=self.latent_dim)
         return flow.to(device=like.device, dtype=like.dtype)
 

@@ -22,6 +22,7 @@ from .radial import Radial, RadialStack
 from .spline import SplineCoupling, rq_spline, spline_stack
 from .stack import ConditionalComposeFlow, stack
 from .sylvester import Sylvester
+from .tails import SinhArcsinh
 
 __all__ = [
     "Affine",
@@ -40,6 +41,7 @@ __all__ = [
     "Radial",
     "RadialStack",
     "Reverse",
+    "SinhArcsinh",
     "SplineCoupling",
     "Sylvester",
     "affine_iaf_stack",
