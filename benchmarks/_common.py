@@ -26,6 +26,7 @@ from pyro.infer.autoguide import AutoContinuous, AutoIAFNormal, AutoMultivariate
 from pyro.infer.autoguide.initialization import init_to_median
 
 import vi_flows
+from vi_flows.families import FAMILIES, NAMES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(HERE, "cache")
@@ -308,3 +309,72 @@ def update_docs(block: str, text: str, path: str = DOCS) -> None:
         doc = doc.rstrip() + "\n\n" + new + "\n"
     with open(path, "w") as f:
         f.write(doc)
+
+
+# ------------------------------------------------------------------------------------- fit's defaults (--defaults)
+#: The guides of a ``--defaults`` run: Pyro's AutoNormal, AutoMultivariateNormal and AutoIAFNormal, then every
+#: vi_flows family of the registry (``vi:normal`` is ``AutoFlow``: the Gaussian base alone), each ``AutoX(model)``.
+DEFAULT_GUIDES = ["pyro:normal", "pyro:mvn", "pyro:iaf", *(f"vi:{name}" for name in NAMES)]
+
+DEFAULTS_ABOUT = (
+    "**`fit`'s defaults**: every guide is built with its class's defaults only (`vi_flows.AutoIAF(model)`, "
+    '`AutoNormal(model)`, ...; the vi_flows guides start at `init="auto"`, the Pathfinder/Laplace start) and '
+    "trained by `vi_flows.fit(model, guide, seed=0, progress=False)` and nothing else: at most 2000 steps with "
+    'the automatic stopping rule (`tol="auto"`), Adam at lr 0.01 decayed to 0.001, `Trace_ELBO` with 1 particle. '
+    "Pyro's guides go through the same call. This is what a user gets without tuning, not the hand-tuned budget "
+    "of the script's main table."
+)
+
+
+def make_default_guide(name: str, model: Callable):
+    """The guide ``name`` of :data:`DEFAULT_GUIDES` for ``model``, with its class's defaults: ``AutoX(model)``."""
+    factories = {
+        "pyro:normal": AutoNormal,
+        "pyro:mvn": AutoMultivariateNormal,
+        "pyro:iaf": AutoIAFNormal,
+        **{f"vi:{n}": f.guide for n, f in FAMILIES.items()},
+    }
+    if name not in factories:
+        raise ValueError(f"unknown guide {name!r} for --defaults; choose from {', '.join(DEFAULT_GUIDES)}")
+    return factories[name](model)
+
+
+def fit_defaults(model: Callable, guide, *args, seed: int = 0, quick_steps: int | None = None, **kwargs) -> dict:
+    """``vi_flows.fit(model, guide, *args, seed=seed, progress=False, **kwargs)`` and nothing else.
+
+    ``quick_steps`` (``--quick`` only) adds ``num_steps=quick_steps``. Returns the steps run, whether the
+    stopping rule fired, the ELBO trace, the median ms per step and the wall seconds of the call (the guide's
+    automatic start included).
+    """
+    pyro.clear_param_store()
+    extra = {} if quick_steps is None else {"num_steps": quick_steps}
+    t0 = time.perf_counter()
+    result = vi_flows.fit(model, guide, *args, seed=seed, progress=False, **extra, **kwargs)
+    seconds = time.perf_counter() - t0
+    elapsed = result.history["elapsed"].to_numpy()
+    steps_ms = 1e3 * (elapsed[1:] - elapsed[:-1])
+    warm = steps_ms[min(10, len(steps_ms) // 2) :]
+    return {
+        "steps": int(result.num_steps),
+        "converged": bool(result.converged),
+        "elbo_trace": result.history["elbo"].tolist(),
+        "ms_per_step": float(statistics.median(warm)) if len(warm) else float("nan"),
+        "seconds": seconds,
+    }
+
+
+def refuse_with_defaults(p: argparse.ArgumentParser, args: argparse.Namespace, names: list[str]) -> None:
+    """``p.error`` if ``--defaults`` comes with any of the training options ``names`` set (``fit`` sets them)."""
+    given = [n for n in names if getattr(args, n) != p.get_default(n)]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        p.error(f"--defaults trains with vi_flows.fit's defaults; {flags} cannot be set with it")
+
+
+def steps_range(rows: list[dict]) -> str:
+    """``"min–max"`` of the rows' ``steps`` (one number when they agree)."""
+    steps = [r["steps"] for r in rows if "steps" in r]
+    if not steps:
+        return "–"
+    lo, hi = min(steps), max(steps)
+    return str(lo) if lo == hi else f"{lo}–{hi}"

@@ -12,6 +12,14 @@ elements) and ``|log(sd_q / sd_ref)|`` (max).
 
     python benchmarks/posteriors.py            # full run (main table and study)
     python benchmarks/posteriors.py --quick    # CI smoke run (tiny NUTS into --out if the cache is missing)
+
+``--defaults`` measures what a user gets untuned, on the main table's models (no study): every guide of
+:data:`_common.DEFAULT_GUIDES` (Pyro's ``AutoNormal``/``AutoMultivariateNormal``/``AutoIAFNormal`` and each vi_flows
+family) is built as ``AutoX(model)`` and trained by ``vi_flows.fit(model, guide, seed=..., progress=False)`` alone
+(``--quick`` adds ``num_steps=20``). It writes ``posteriors_defaults.{json,md}`` and, with ``--docs``, the block
+``posteriors-defaults``; the training options (``--steps``, ``--particles``, ``--lr``, ...) are refused with it.
+
+    python benchmarks/posteriors.py --defaults --docs    # fit's defaults, all guides and models
 """
 
 from __future__ import annotations
@@ -242,6 +250,43 @@ def fit_one(model, reference: dict, name: str, args, label: str, **options) -> d
     return row
 
 
+def fit_one_defaults(model, reference: dict, name: str, args, label: str) -> dict:
+    """``--defaults``: the guide ``AutoX(model)`` trained by ``vi_flows.fit`` with its defaults only, scored."""
+    t0 = time.perf_counter()
+    failed = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            guide = C.make_default_guide(name, model)
+            quick_steps = DEFAULTS_QUICK_STEPS if args.quick else None
+            fit = C.fit_defaults(model, guide, seed=args.seed, quick_steps=quick_steps)
+            diag = diagnose(model, guide, num_samples=args.draws, seed=args.seed + 1)
+    except (ValueError, RuntimeError, FloatingPointError) as e:  # a diverged fit is a result, not a crash
+        failed = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    row = {"model": label, "guide": name}
+    if failed:
+        row.update(failed=failed, seconds=time.perf_counter() - t0)
+        print(f"{label:22s} {name:22s} FAILED {failed}", flush=True)
+        return row
+    row.update(
+        elbo=diag.elbo,
+        iwae=diag.iwae,
+        khat=diag.khat,
+        steps=fit["steps"],
+        converged=fit["converged"],
+        ms_per_step=fit["ms_per_step"],
+        seconds=fit["seconds"],
+        **errors(diag, reference),
+    )
+    print(
+        f"{label:22s} {name:22s} ELBO {diag.elbo:10.2f}  IWAE {diag.iwae:10.2f}  k̂ {diag.khat:5.2f}  "
+        f"mean err {row['mean_err_max']:.2f} sd  sd err {row['sd_logratio_max']:.2f}  "
+        f"{fit['steps']} steps ({fit['seconds']:.0f} s)",
+        flush=True,
+    )
+    return row
+
+
 def main_table(args) -> list[dict]:
     x, y = breast_cancer(standardize=True)
     schools_sites = ["mu", "tau", "theta"]
@@ -274,7 +319,7 @@ def main_table(args) -> list[dict]:
     for label, model, ref, sites in problems:
         ref = {s: ref[s] for s in sites}
         for name in args.guides:
-            rows.append(fit_one(model, ref, name, args, label))
+            rows.append((fit_one_defaults if args.defaults else fit_one)(model, ref, name, args, label))
     return rows
 
 
@@ -350,6 +395,67 @@ def docs_text(result: dict) -> str:
     return "\n\n".join(parts)
 
 
+DEFAULTS_QUICK_GUIDES = ["pyro:normal", "vi:planar"]
+DEFAULTS_QUICK_STEPS = 20  # --quick --defaults: fit(num_steps=20), the one departure from fit's defaults
+DEFAULTS_COLUMNS = [*COLUMNS[:-1], "steps", "seconds"]
+TRAINING_OPTIONS = ["steps", "particles", "lr", "lr_final", "only", "study_flows"]
+
+
+def docs_text_defaults(result: dict) -> str:
+    """The ``posteriors-defaults`` block of ``docs/benchmarks.md``."""
+    rows = result["main"]
+    guides = list(dict.fromkeys(r["guide"] for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    command = "python benchmarks/posteriors.py --defaults" + (" --quick" if result["num_steps"] is not None else "")
+    if guides != C.DEFAULT_GUIDES:
+        command += " --guides " + " ".join(guides)
+    if len(models) < 4 and result["num_steps"] is None:  # --quick runs its own two models
+        command += " --models " + " ".join(models)
+    about = (
+        f"{C.DEFAULTS_ABOUT} The main table's models, references and scores (as in the `posteriors` block; "
+        f"`vi_flows.diagnose` with {result['draws']:,} draws); no study. **steps**: the steps `fit` ran (the "
+        "stopping rule can end a fit before 2000); **seconds**: wall time of the `fit` call, the automatic start "
+        "included. `vi:normal` is `AutoFlow(model)`, the Gaussian base alone; `pyro:iaf` is `AutoIAFNormal(model)`."
+    )
+    failed = [f"{r['guide']} on {r['model']}: {r['failed']}" for r in rows if r.get("failed")]
+    parts = [
+        "## Real posteriors with `fit`'s defaults (`benchmarks/posteriors.py --defaults`)",
+        f"```bash\n{command} --docs\n```",
+        about,
+        C.conditions(result["machine"]),
+        C.markdown_table(rows, DEFAULTS_COLUMNS, FMT | {"seconds": ".0f"}),
+    ]
+    if failed:
+        parts.append("Failed fits (–): " + "; ".join(failed) + ".")
+    return "\n\n".join(parts)
+
+
+def main_defaults(p, args) -> dict:
+    """``--defaults``: the main table only, its own guides, ``posteriors_defaults.*``, block ``posteriors-defaults``."""
+    C.refuse_with_defaults(p, args, TRAINING_OPTIONS)
+    args.guides = args.guides or (DEFAULTS_QUICK_GUIDES if args.quick else C.DEFAULT_GUIDES)
+    unknown = [g for g in args.guides if g not in C.DEFAULT_GUIDES]
+    if unknown:
+        p.error(f"--defaults: unknown guide(s) {unknown}; choose from {' '.join(C.DEFAULT_GUIDES)}")
+    args.draws = args.draws or (200 if args.quick else 4000)
+    C.setup(args)
+    result = {
+        "machine": C.machine(),
+        "defaults": True,
+        "num_steps": DEFAULTS_QUICK_STEPS if args.quick else None,
+        "draws": args.draws,
+        "main": main_table(args),
+    }
+    C.save_json(result, os.path.join(args.out, "posteriors_defaults.json"))
+    md = C.markdown_table(result["main"], DEFAULTS_COLUMNS, FMT | {"seconds": ".0f"})
+    with open(os.path.join(args.out, "posteriors_defaults.md"), "w") as f:
+        f.write(md + "\n")
+    print(md)
+    if args.docs:
+        C.update_docs("posteriors-defaults", docs_text_defaults(result))
+    return result
+
+
 def main(argv=None) -> dict:
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=None)
@@ -362,7 +468,15 @@ def main(argv=None) -> dict:
     p.add_argument("--study-flows", nargs="+", default=STUDY_FLOWS, help="flow guides of the study")
     p.add_argument("--only", choices=["main", "study"], default=None, help="run one part only")
     p.add_argument("--docs", action="store_true", help="write the tables into docs/benchmarks.md (block posteriors)")
+    p.add_argument(
+        "--defaults",
+        action="store_true",
+        help="each guide AutoX(model) trained by vi_flows.fit's defaults only, main table only "
+        "(posteriors_defaults.*, block posteriors-defaults); --quick adds num_steps=20",
+    )
     args = p.parse_args(argv)
+    if args.defaults:
+        return main_defaults(p, args)
     args.steps = args.steps or (20 if args.quick else 2000)
     args.draws = args.draws or (200 if args.quick else 4000)
     args.guides = args.guides or (QUICK_GUIDES if args.quick else GUIDES)
