@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import json
 import math
 import os
 import sys
@@ -304,6 +305,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nuts-warmup", type=int, default=None, help="NUTS warmup iterations (default 300)")
     p.add_argument("--nuts-draws", type=int, default=None, help="NUTS draws after warmup (default 500)")
     p.add_argument("--no-docs", action="store_true", help="do not write the docs/benchmarks.md block")
+    p.add_argument(
+        "--merge",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="fold the rows of an earlier run's posteriordb.json into this table (this run's rows win; repeatable)",
+    )
     args = p.parse_args(argv)
     args.guides = _names(args.guides, GUIDES, "guides", p) or list(GUIDES)
     short_names = ports().SHORT_NAMES
@@ -335,8 +343,24 @@ def main(argv: list[str] | None = None) -> dict | None:
         "rows": rows,
         "summary": guide_summary(rows, args.guides, args.posteriors),
     }
+    for path in args.merge:
+        with open(path) as f:
+            result = merge(json.load(f), result)
     print(write_outputs(result, args))
     return result
+
+
+def merge(old: dict, new: dict) -> dict:
+    """``new`` with ``old``'s rows for every (posterior, guide) it did not run; commands listed oldest first."""
+    ran = {(r["posterior"], r["guide"]) for r in new["rows"]}
+    guides = list(dict.fromkeys([*old["guides"], *new["guides"]]))
+    posteriors = list(dict.fromkeys([*old["posteriors"], *new["posteriors"]]))
+    rows = [r for r in old["rows"] if (r["posterior"], r["guide"]) not in ran] + new["rows"]
+    rows.sort(key=lambda r: (posteriors.index(r["posterior"]), guides.index(r["guide"])))
+    merged = {**new, "guides": guides, "posteriors": posteriors, "rows": rows}
+    merged["command"] = "\n".join(dict.fromkeys([*old["command"].splitlines(), *new["command"].splitlines()]))
+    merged["summary"] = guide_summary(rows, guides, posteriors)
+    return merged
 
 
 if __name__ == "__main__":

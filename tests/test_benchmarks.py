@@ -211,3 +211,33 @@ def test_vae_merge_replaces_same_family_rows_and_keeps_the_rest(bench, tmp_path,
     saved = json.loads((tmp_path / "results" / "vae_digits.json").read_text())
     assert saved == rows
     assert open(doc).read().count("| spline |") == 1
+
+
+def test_posteriordb_merge_keeps_earlier_rows_and_lets_the_new_run_win(bench):
+    pdb = bench("posteriordb")
+
+    def row(post, guide, accurate, khat=0.3):
+        return {"posterior": post, "guide": guide, "accurate": accurate, "khat": khat, "seconds": 1.0}
+
+    old = {
+        "command": "python benchmarks/posteriordb.py --guides vi:iaf,vi:normal",
+        "guides": ["vi:iaf", "vi:normal"],
+        "posteriors": ["earnings", "kidiq"],
+        "rows": [row(p, g, False) for p in ("earnings", "kidiq") for g in ("vi:iaf", "vi:normal")],
+    }
+    new = {
+        "command": "python benchmarks/posteriordb.py --guides vi:iaf",
+        "guides": ["vi:iaf"],
+        "posteriors": ["earnings", "kidiq"],
+        "rows": [row(p, "vi:iaf", True, 0.9) for p in ("earnings", "kidiq")],
+    }
+    merged = pdb.merge(old, new)
+    assert [(r["posterior"], r["guide"], r["accurate"]) for r in merged["rows"]] == [
+        ("earnings", "vi:iaf", True),
+        ("earnings", "vi:normal", False),
+        ("kidiq", "vi:iaf", True),
+        ("kidiq", "vi:normal", False),
+    ]
+    summary = {s["guide"]: (s["accurate"], s["khat_ok"]) for s in merged["summary"]}
+    assert summary == {"vi:iaf": (2, 0), "vi:normal": (0, 2)}  # recomputed from the merged rows
+    assert merged["command"].splitlines() == [old["command"], new["command"]]
