@@ -9,12 +9,15 @@ log-density cost one sweep through the stack.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from pyro.distributions.torch_transform import TransformModule
-from torch import Tensor, nn
+from torch import Tensor
 from torch.distributions import Transform, constraints
+
+from ..validate import check_hidden_dims, check_positive_int
+from .networks import ACTIVATIONS, activation_factory  # noqa: F401  (re-exported: older import path)
 
 __all__ = [
     "ComposeFlow",
@@ -28,41 +31,8 @@ __all__ = [
 
 
 def check_dim(dim: int, name: str = "dim") -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {dim!r}")
-    return dim
-
-
-def check_hidden_dims(hidden_dims: Iterable[int], name: str = "hidden_dims") -> tuple[int, ...]:
-    try:
-        hidden = tuple(hidden_dims)
-    except TypeError:
-        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {hidden_dims!r}") from None
-    if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
-        raise ValueError(f"{name} must be a non-empty sequence of positive ints, e.g. (64, 64); got {hidden_dims!r}")
-    return hidden
-
-
-ACTIVATIONS = {
-    "relu": nn.ReLU,
-    "elu": nn.ELU,
-    "tanh": nn.Tanh,
-    "silu": nn.SiLU,
-    "gelu": nn.GELU,
-    "softplus": nn.Softplus,
-    "leaky_relu": nn.LeakyReLU,
-}
-
-
-def activation_factory(activation: str | Callable[[], nn.Module], name: str = "activation") -> Callable[[], nn.Module]:
-    """A module factory from a name in :data:`ACTIVATIONS` (``"relu"``, ``"tanh"``, …) or a class (``nn.ReLU``)."""
-    if isinstance(activation, str):
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"{name} must be one of {sorted(ACTIVATIONS)} or an nn.Module class, got {activation!r}")
-        return ACTIVATIONS[activation]
-    if not callable(activation):
-        raise ValueError(f"{name} must be one of {sorted(ACTIVATIONS)} or an nn.Module class, got {activation!r}")
-    return activation
+    """An integer ``>= 1`` (a dimension); :func:`vi_flows.validate.check_positive_int`."""
+    return check_positive_int(dim, name)
 
 
 class FlowTransform(TransformModule):
