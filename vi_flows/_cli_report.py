@@ -117,22 +117,12 @@ def report(record: dict, table: pd.DataFrame, history: pd.DataFrame, max_rows: i
 
 
 def _verdict(record: dict) -> str:
-    """k-hat's verdict in one line at the record's number of draws ``S``: good below ``KHAT_GOOD``, unreliable
-    above ``khat_threshold(S)`` (``KHAT_OK`` from ``MIN_DRAWS_FOR_KHAT`` draws on), else ok; and that scale."""
-    from .diagnostics import KHAT_GOOD, KHAT_OK, MIN_DRAWS_FOR_KHAT, khat_threshold
+    """k-hat's verdict in one line at the record's number of draws, with the scale that applies there."""
+    from .diagnostics import khat_reading, khat_scale
 
     khat, draws = record.get("khat"), record["num_samples"]
-    bad = khat_threshold(draws)
-    good = min(KHAT_GOOD, bad)
-    if khat is None or not math.isfinite(khat):
-        word = "undefined"
-    elif khat > bad:
-        word = "unreliable"
-    else:
-        word = "good" if khat < KHAT_GOOD else "ok"
-    ok = f", {good:.3g}-{bad:.3g} ok" if bad > good else ""
-    more = "" if bad >= KHAT_OK else f"; {KHAT_OK} needs {MIN_DRAWS_FOR_KHAT} draws"
-    return f"{word} (< {good:.3g} good{ok}, > {bad:.3g} unreliable at {draws} draws{more})"
+    word = khat_reading(math.nan if khat is None else khat, draws)
+    return f"{'unreliable' if word == 'bad' else word} ({khat_scale(draws)})"
 
 
 def _draws_lines(record: dict) -> list[str]:

@@ -42,7 +42,7 @@ References:
 from __future__ import annotations
 
 from .export import load_inference_data, save_inference_data, summary, to_inference_data
-from .khat import KHAT_GOOD, KHAT_OK, MIN_DRAWS_FOR_KHAT, khat_threshold, min_draws_for_khat
+from .khat import KHAT_GOOD, KHAT_OK, MIN_DRAWS_FOR_KHAT, khat_reading, khat_scale, khat_threshold, min_draws_for_khat
 from .khat import _khat_scale as _khat_scale  # private names other modules and tests import from here
 from .khat import _reading as _reading
 from .lazy_arviz import _az as _az
@@ -63,6 +63,8 @@ __all__ = [
     "LooResult",
     "UnreliableWeightsError",
     "diagnose",
+    "khat_reading",
+    "khat_scale",
     "khat_threshold",
     "load_inference_data",
     "loo",

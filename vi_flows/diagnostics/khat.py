@@ -44,7 +44,7 @@ def min_draws_for_khat(khat: float = KHAT_OK) -> float:
 MIN_DRAWS_FOR_KHAT = int(min_draws_for_khat(KHAT_OK))  # 2155: the draws at which khat_threshold reaches KHAT_OK
 
 
-def _reading(khat: float, num_samples: int) -> str:
+def khat_reading(khat: float, num_samples: int) -> str:
     """``"good"`` below :data:`KHAT_GOOD`, ``"bad"`` above ``khat_threshold(num_samples)``, else ``"ok"``."""
     if not math.isfinite(khat):
         return "undefined"
@@ -66,7 +66,7 @@ def _reading_text(reading: str, num_samples: int) -> str:
     }[reading]
 
 
-def _khat_scale(num_samples: int) -> str:
+def khat_scale(num_samples: int) -> str:
     """The k̂ scale that applies at ``num_samples`` draws, in words: ``"< 0.5 good, 0.5-0.7 ok, > 0.7 unreliable
     at 4000 draws"``, from :data:`KHAT_GOOD` and :func:`khat_threshold` (so the text cannot drift from the
     readings). Below :data:`MIN_DRAWS_FOR_KHAT` draws the upper end is lower, and under 100 draws the ok band
@@ -76,6 +76,9 @@ def _khat_scale(num_samples: int) -> str:
     ok = f", {good:.3g}-{bad:.3g} ok" if bad > good else ""
     more = "" if bad >= KHAT_OK else f"; {KHAT_OK} needs {MIN_DRAWS_FOR_KHAT} draws"
     return f"< {good:.3g} good{ok}, > {bad:.3g} unreliable at {num_samples} draws{more}"
+
+
+_reading, _khat_scale = khat_reading, khat_scale  # the names the package's modules use
 
 
 # ---- PSIS-corrected estimates and draws are offered only where k̂ says the weights can correct q

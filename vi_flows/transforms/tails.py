@@ -7,7 +7,6 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..validate import check_positive_int
 from .base import FlowTransform
 
 __all__ = ["SinhArcsinh", "sinh_arcsinh_call", "sinh_arcsinh_inverse"]
@@ -55,7 +54,7 @@ class SinhArcsinh(FlowTransform):
     """
 
     def __init__(self, dim: int):
-        super().__init__(check_positive_int(dim, "dim"))
+        super().__init__(dim)
         self.skew = nn.Parameter(torch.zeros(dim))
         self.raw_tail = nn.Parameter(torch.zeros(dim))
 
