@@ -17,8 +17,9 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import SVI, JitTrace_ELBO, Predictive
+from pyro.infer import SVI, JitTrace_ELBO, Predictive, Trace_ELBO
 from pyro.infer.autoguide import init_to_value
+from torch import Tensor
 
 from vi_flows import (
     AutoCNF,
@@ -238,20 +239,56 @@ def gaussian_site_model():
 
 
 def test_quantiles_match_the_gaussian_closed_form_without_a_flow():
-    """No flow: ``q`` is ``N(μ, s²)`` per coordinate, so ``x_q = μ + s Φ⁻¹(q)`` and ``r_q = exp(μ_r + s Φ⁻¹(q))``."""
+    """No flow: ``q`` is ``N(μ, s²)`` per coordinate: ``x_p = μ + s Φ⁻¹(p)``, ``r_p = exp(μ_r + s Φ⁻¹(p))`` exactly."""
     mu = {"x": 1.5, "r": 0.4}
     s = 0.7
     start = init_to_value(values={"x": torch.tensor(mu["x"]), "r": torch.tensor(mu["r"]).exp()})
     guide = AutoFlow(gaussian_site_model, init_loc_fn=start, init_scale=s)
     levels = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
-    q = guide.quantiles(levels, num_samples=40000)
+    q = guide.quantiles(levels)
     z = dist.Normal(0.0, 1.0).icdf(levels)
-    # standard error of a quantile ≲ 0.03 s at 40000 draws for these levels
-    torch.testing.assert_close(q["x"], mu["x"] + s * z, atol=0.02, rtol=0)
-    torch.testing.assert_close(q["r"].log(), mu["r"] + s * z, atol=0.02, rtol=0)
+    torch.testing.assert_close(q["x"], mu["x"] + s * z, atol=1e-6, rtol=0)
+    torch.testing.assert_close(q["r"].log(), mu["r"] + s * z, atol=1e-6, rtol=0)
     median = guide.median()
-    torch.testing.assert_close(median["x"], torch.tensor(mu["x"]), atol=1e-6, rtol=0)  # exact
-    torch.testing.assert_close(q["x"][2], median["x"], atol=0.02, rtol=0)  # 0.5 agrees to MC error
+    torch.testing.assert_close(median["x"], torch.tensor(mu["x"]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(q["x"][2], median["x"], atol=1e-6, rtol=0)
+
+
+def _trained(guide, model, steps: int = 100):
+    """Pyro's own loop of its quantile test: Adam lr 0.05, 100 vectorized particles, 100 steps."""
+    elbo = Trace_ELBO(num_particles=100, vectorize_particles=True)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05, "betas": (0.8, 0.99)}), elbo)
+    for _ in range(steps):
+        svi.step()
+    return guide
+
+
+def _one_sd_quantile_scale(guide) -> Tensor:
+    """``(q(Φ(1)) − q(Φ(−1))) / 2`` of site ``x``: its sd when ``x``'s marginal is Gaussian."""
+    q = guide.quantiles([0.158655, 0.8413447])
+    return 0.5 * (q["x"][1] - q["x"][0])
+
+
+def test_gaussian_quantile_scale_is_the_posterior_sd_after_training():
+    """Pyro's quantile contract for a Gaussian guide: the ±1 sd quantiles of ``x`` match ``variance`` to 1e-6."""
+    guide = _trained(AutoFlow(gaussian_site_model), gaussian_site_model)
+    sd = guide.get_posterior().variance[0].sqrt()  # x is the first coordinate
+    torch.testing.assert_close(_one_sd_quantile_scale(guide), sd, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["planar", "iaf", "nsf"])
+def test_flow_quantile_scale_agrees_with_the_posterior_sd_after_training(name):
+    """A flow's quantiles and ``variance`` describe one ``x`` marginal: its ±1 sd quantiles match sd to 0.06.
+
+    Pyro's test asks for 1e-6, which holds for Gaussian marginals only; a flow's are near-Gaussian here (the
+    posterior of ``x`` is N(0, 1)). 0.06 is three standard errors of the quantile estimate at 4000 draws
+    (≈ 0.017 sd) plus the moment estimate's; measured gaps were 0.002–0.025 (seeds 0, 1).
+    """
+    guide = _trained(FAMILIES[name](gaussian_site_model), gaussian_site_model)
+    scale = _one_sd_quantile_scale(guide)
+    sd = guide.get_posterior().variance[0].sqrt()
+    assert abs(scale - sd) < 0.06, (scale, sd)
+    assert 0.7 < sd < 1.3, sd  # still a fit of N(0, 1): 100 steps of Pyro's loop at lr 0.05 moved it to 0.83–1.05
 
 
 @family

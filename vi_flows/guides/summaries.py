@@ -1,8 +1,8 @@
 """Posterior summaries of a flow guide: seeded draws, ``quantiles`` and ``median``.
 
 A flow's marginals have no closed form, so summaries come from draws with a fixed ``seed`` in a forked
-RNG (repeated calls agree; the caller's stream is untouched); the median is exact while the flow is the
-identity (Pyro's ``AutoContinuous`` contract: right after the first call, the start's values).
+RNG (repeated calls agree; the caller's stream is untouched); the median and quantiles are exact while the
+flow is the identity (Pyro's ``AutoContinuous`` contract: right after the first call, the start's values).
 """
 
 from __future__ import annotations
@@ -79,23 +79,37 @@ class Summaries:
     def quantiles(
         self, quantiles: Sequence[float] | Tensor, *args, num_samples: int = 4000, seed: int | None = 0, **kwargs
     ) -> dict[str, Tensor]:
-        """Marginal posterior quantiles of each site, from ``num_samples`` draws with a fixed ``seed``.
+        """Marginal posterior quantiles of each site: exact while the flow is the identity, else from draws.
 
-        Per element of each site, the empirical quantiles of the constrained draws: monotone in ``quantiles``
-        and inside the support, the same on every call (the caller's RNG is untouched). An estimate: the
-        standard error of a quantile is about ``sqrt(q (1 − q)) / (density · sqrt(num_samples))``, about
-        ``0.02 sd`` for the median of a Gaussian-like marginal at the default 4000 draws. ``0.5`` equals
-        :meth:`median` where the flow is not the identity (the same draws), and agrees with its exact value
-        to that error where it is.
+        While ``f`` is the identity (as :meth:`median` decides), ``q`` is the base Gaussian and the level-``p``
+        quantile is ``T(μ + σ Φ⁻¹(p))`` (``σ``: the marginal sds, ``T``: the sites' bijections), exact for
+        elementwise bijections and Pyro's ``AutoContinuous.quantiles`` convention for the others. Otherwise, per
+        element of each site, the empirical quantiles of ``num_samples`` constrained draws with a fixed ``seed``
+        (the caller's RNG untouched): monotone in ``quantiles``, inside the support, the same on every call. The
+        standard error of such a quantile is about ``sqrt(p (1 − p)) / (density · sqrt(num_samples))``, about
+        ``0.02 sd`` for the median of a Gaussian-like marginal at the default 4000 draws. Either way ``0.5``
+        equals :meth:`median`.
 
         :return: ``{site: tensor of shape (len(quantiles),) + site_shape}``.
         """
         q = torch.as_tensor(quantiles, dtype=torch.float64)  # checked before the draws
         if q.dim() != 1 or ((q < 0) | (q > 1)).any():
             raise ValueError(f"quantiles must be a list of numbers in [0, 1], got {quantiles!r}")
+        self._prototype_ready(args, kwargs)
+        q = q.to(dtype=self.loc_unit.dtype, device=self.loc_unit.device)
+        if self._acts_as_identity(num_samples, seed, args, kwargs):
+            z = torch.distributions.Normal(0.0, 1.0).icdf(q).unsqueeze(-1)
+            latent = self.loc + self.scale * z
+            return {site["name"]: self._bijections[site["name"]](u) for site, u in self._unpack_draws(latent)}
         draws = self._constrained_draws(num_samples, seed, args, kwargs)
-        q = q.to(dtype=self.loc.dtype, device=self.loc.device)
         return {name: torch.quantile(v, q, dim=0) for name, v in draws.items()}
+
+    def _acts_as_identity(self, num_samples: int, seed: int | None, args, kwargs) -> bool:
+        """``f`` is the identity: provably, or by moving none of ``num_samples`` seeded draws (see :meth:`median`)."""
+        self._prototype_ready(args, kwargs)
+        if self.flow.is_identity():
+            return True
+        return _moves_no_draw(*self._noise_draws(num_samples, seed, args, kwargs))
 
     @torch.no_grad()
     def median(self, *args, num_samples: int = 4000, seed: int | None = 0, **kwargs) -> dict[str, Tensor]:
@@ -114,13 +128,9 @@ class Summaries:
         whose bijection couples elements (simplex, correlation Cholesky) get the image of the unconstrained
         medians, which stays inside the support.
         """
-        self._prototype_ready(args, kwargs)
-        if self.flow.is_identity():
+        if self._acts_as_identity(num_samples, seed, args, kwargs):
             return self._centre_median()
-        eps, flowed = self._noise_draws(num_samples, seed, args, kwargs)
-        if _moves_no_draw(eps, flowed):
-            return self._centre_median()
-        return self._draws_median(self._base_map()(flowed))
+        return self._draws_median(self._latent_draws(num_samples, seed, args, kwargs))
 
     def _centre_median(self) -> dict[str, Tensor]:
         """``T(μ + L f(0))`` per site: the image of the noise's centre, the median of a Gaussian ``q``."""
