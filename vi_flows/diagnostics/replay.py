@@ -23,7 +23,7 @@ from pyro.util import check_site_shape
 from torch import Tensor
 
 from .named import Arrays, _deterministic, _Draws, _log_lik, _named, _observed, _sampled
-from .plan import _check_guides, _check_num_samples, _describe, _full_data, _Plain, _plan, _vectorize
+from .plan import _check_guides, _check_num_samples, _describe, _full_data, _inspect, _Plain, _plan, _vectorize
 from .sites import _guide_names, _is_factor, _is_subsample, _Roles, _roles
 
 
@@ -286,6 +286,21 @@ def _draw_looped(model, guide, args, kwargs, num_samples: int, mpn: int, plain: 
         predictive=_stacked_arrays(records, "predictive", first, roles, mpn) if predictive else None,
         guide_looped=guide_looped,
     )
+
+
+def vectorization_failure(model, guide, args, kwargs, num_samples: int = 2) -> str | None:
+    """Why ``model`` and ``guide`` cannot run ``num_samples`` draws vectorized in one plate, or None if they can.
+
+    The vectorized replay and its spot check of draws replayed alone (:func:`_spot_check`), under a forked RNG:
+    the caller's random stream is untouched. ``fit`` asks this before vectorizing its particles.
+    """
+    with torch.random.fork_rng(), poutine.block():
+        try:
+            plain = _inspect(model, guide, args, kwargs, None)
+            _draw_batched(model, guide, args, kwargs, num_samples, plain.max_plate_nesting, plain, False)
+        except Exception as e:
+            return _describe(e)
+    return None
 
 
 def _draw(model, guide, args, kwargs, num_samples: int, mpn: int, plain: _Plain, predictive: bool) -> _Draws:

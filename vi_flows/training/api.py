@@ -15,6 +15,7 @@ from .batches import Inputs
 from .checkpoint import Checkpoints
 from .loop import Plan, prepare, run
 from .options import _check_args, _check_device, _make_loss, _make_optim
+from .particles import loop_particles_unless_vectorized
 from .result import FitResult
 from .steps import make_step
 from .stopping import make_rule
@@ -56,7 +57,7 @@ def fit(
         optim: a Pyro optimizer, a ``PyroLRScheduler`` stepped every step; default Adam (:func:`.options._make_optim`).
         lr: the default optimizer's lr; 1e-2, Adam's step per parameter in units of the start's scale (docs/guides.md).
         loss: a Pyro ELBO; default ``Trace_ELBO(num_particles, vectorize_particles=num_particles > 1)``.
-        num_particles: draws per step, vectorized; 1, the cheapest step (its noise averages out over steps).
+        num_particles: draws per step, vectorized (one at a time where the model is not: :mod:`.particles`); 1.
         seed: ``pyro.set_rng_seed(seed)`` first: equal seeds, equal runs; distributed, rank ``r`` then ``seed + r``.
         progress: a tqdm bar, shown on rank 0 and when stderr is a terminal only.
         callbacks: each called as ``cb(step, elbo, guide)`` after every step; one returning True stops the fit.
@@ -83,7 +84,7 @@ def fit(
     _check_args(num_steps, lr, num_particles, tol, patience, window, lr_decay, checkpoint_every, log_every)
     schedule = Schedule(model, anneal)
     optim = _make_optim(optim, lr, lr_decay, num_steps)
-    loss = _make_loss(loss, num_particles, estimator)
+    built_loss, loss = loss is None, _make_loss(loss, num_particles, estimator)
     inputs = Inputs(model, args, kwargs, batches)
     callbacks = tuple(callbacks)
     device = None if device is None else _check_device(device)
@@ -91,4 +92,7 @@ def fit(
     checkpoints = None if checkpoint is None else Checkpoints(checkpoint, checkpoint_every)
     stopper = make_rule(tol, window, patience, num_steps)
     plan = Plan(num_steps, optim, guide, schedule, stopper, callbacks, checkpoints, log_every, progress)
-    return run(step, plan, *prepare(step, plan, model, inputs.to(step.device), seed, resume))
+    prepared = prepare(step, plan, model, inputs.to(step.device), seed, resume)
+    if built_loss:  # a user's own loss is left as given
+        loop_particles_unless_vectorized(loss, model, guide, *inputs.peek())
+    return run(step, plan, *prepared)

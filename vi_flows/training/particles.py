@@ -1,0 +1,42 @@
+"""Vectorized particles where the model allows them, a loop where it does not.
+
+``Trace_ELBO(num_particles=K, vectorize_particles=True)`` runs the model once on a leftmost batch of
+``K`` draws. Users' models are often not written for that (``torch.mm``, ``nn.Linear``, ``x[idx] @ w``,
+a ``.sum()`` over everything, an ``unsqueeze`` that puts the particles in a data dimension): they raise,
+or silently compute another loss. Before the first step
+``fit`` replays two draws vectorized and alone (:func:`vi_flows.diagnostics.replay.vectorization_failure`);
+where they disagree it runs the same ``K`` particles one at a time: the same estimator, ``K`` model runs a
+step, with one warning saying why.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from pyro.infer import ELBO
+from pyro.infer.autoguide import AutoGuide
+
+
+def loop_particles_unless_vectorized(loss: ELBO, model, guide, args: tuple, kwargs: dict) -> None:
+    """Switch ``loss`` (one ``fit`` built) to a loop over its particles if ``model`` does not vectorize them."""
+    if loss.num_particles < 2 or not getattr(loss, "vectorize_particles", False):
+        return
+    from ..diagnostics.replay import vectorization_failure
+    from ..objectives import IWELBO
+
+    if isinstance(guide, AutoGuide) and guide.prototype_trace is None:
+        guide._setup_prototype(*args, **kwargs)  # as the first step would, drawing the same numbers first
+    reason = vectorization_failure(model, guide, args, kwargs)
+    if reason is None:
+        return
+    if isinstance(loss, IWELBO):
+        raise ValueError(
+            f"estimator='iwelbo' needs {loss.num_particles} vectorized particles and this model does not run them "
+            f"({reason}); use estimator='stl' or 'elbo' (their particles can run one at a time) or vectorize the model"
+        )
+    loss.vectorize_particles = False
+    warnings.warn(
+        f"fit: the model does not run vectorized over particles ({reason}); its {loss.num_particles} particles "
+        "per step run one at a time: the same estimate, slower",
+        stacklevel=3,
+    )
