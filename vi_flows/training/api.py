@@ -31,7 +31,7 @@ def fit(
     optim: PyroOptim | None = None,
     lr: float = 1e-2,
     loss: ELBO | None = None,
-    num_particles: int = 1,
+    num_particles: int | str = "auto",
     seed: int | None = None,
     progress: bool = True,
     callbacks: Iterable[Callback] = (),
@@ -57,7 +57,8 @@ def fit(
         optim: a Pyro optimizer, a ``PyroLRScheduler`` stepped every step; default Adam (:func:`.options._make_optim`).
         lr: the default optimizer's lr; 1e-2, Adam's step per parameter in units of the start's scale (docs/guides.md).
         loss: a Pyro ELBO; default ``Trace_ELBO(num_particles, vectorize_particles=num_particles > 1)``.
-        num_particles: draws per step, vectorized (one at a time where the model is not: :mod:`.particles`); 1.
+        num_particles: draws per step, vectorized (one at a time where the model is not: :mod:`.particles`);
+            ``"auto"``: 8 where the model vectorizes them (about the cost of one), else 1 (``AUTO_PARTICLES``).
         seed: ``pyro.set_rng_seed(seed)`` first: equal seeds, equal runs; distributed, rank ``r`` then ``seed + r``.
         progress: a tqdm bar, shown on rank 0 and when stderr is a terminal only.
         callbacks: each called as ``cb(step, elbo, guide)`` after every step; one returning True stops the fit.
@@ -94,5 +95,5 @@ def fit(
     plan = Plan(num_steps, optim, guide, schedule, stopper, callbacks, checkpoints, log_every, progress)
     prepared = prepare(step, plan, model, inputs.to(step.device), seed, resume)
     if built_loss:  # a user's own loss is left as given
-        loop_particles_unless_vectorized(loss, model, guide, *inputs.peek())
+        loop_particles_unless_vectorized(loss, model, guide, *inputs.peek(), auto=num_particles == "auto")
     return run(step, plan, *prepared)

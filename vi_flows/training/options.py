@@ -19,6 +19,10 @@ from pyro.optim import PyroLRScheduler, PyroOptim
 #: end lets the fit settle, while the early steps keep the full lr.
 DEFAULT_LR_DECAY = 0.1
 ESTIMATORS = ("elbo", "stl", "iwelbo")
+#: ``num_particles="auto"``: this many vectorized draws per step where the model vectorizes them, else 1
+#: (:mod:`.particles`). Vectorized, 8 cost 1.0–1.5× one draw per step on the ten posteriordb posteriors and
+#: halved the KL of AutoNSF and AutoPlanar on the energy U3 (docs/benchmarks.md, energies-defaults notes).
+AUTO_PARTICLES = 8
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -31,9 +35,10 @@ def _is_real(value) -> bool:
 
 
 def _check_args(num_steps, lr, num_particles, tol, patience, window, lr_decay, checkpoint_every, log_every) -> None:
+    if num_particles != "auto" and (not isinstance(num_particles, numbers.Integral) or num_particles < 1):
+        raise ValueError(f"num_particles must be a positive integer or 'auto', got {num_particles!r}")
     for name, value in [
         ("num_steps", num_steps),
-        ("num_particles", num_particles),
         ("patience", patience),
         ("window", window),
         ("checkpoint_every", checkpoint_every),
@@ -76,7 +81,7 @@ def _check_device(device) -> torch.device:
         raise ValueError(f"device must be a torch device or its name (e.g. 'cuda'), got {device!r}") from None
 
 
-def _make_loss(loss, num_particles: int, estimator: str | None = None) -> ELBO:
+def _make_loss(loss, num_particles: int | str, estimator: str | None = None) -> ELBO:
     """``loss``, or the estimator ``estimator`` names (:mod:`vi_flows.objectives`) with ``num_particles``.
 
     ``"elbo"`` (``None``, the default): Pyro's ``Trace_ELBO``. ``"stl"``:
@@ -95,6 +100,7 @@ def _make_loss(loss, num_particles: int, estimator: str | None = None) -> ELBO:
     if loss is None:
         from ..objectives import IWELBO, STL_ELBO
 
+        num_particles = AUTO_PARTICLES if num_particles == "auto" else num_particles
         if estimator == "iwelbo":
             if num_particles < 2:
                 raise ValueError(f"estimator='iwelbo' needs num_particles >= 2 (K of the bound), got {num_particles}")
@@ -105,7 +111,7 @@ def _make_loss(loss, num_particles: int, estimator: str | None = None) -> ELBO:
         raise ValueError(f"estimator={estimator!r} and loss= are exclusive: estimator picks the loss; pass one of them")
     if not isinstance(loss, ELBO):
         raise ValueError(f"loss must be a pyro.infer.ELBO instance or None, got {type(loss).__name__}")
-    if num_particles != 1:
+    if num_particles not in (1, "auto"):
         raise ValueError(f"num_particles applies to the default loss only; with loss given, got {num_particles!r}")
     return loss
 

@@ -11,14 +11,20 @@ step, with one warning saying why.
 
 from __future__ import annotations
 
+import math
 import warnings
 
+import torch
+from pyro import poutine
 from pyro.infer import ELBO
 from pyro.infer.autoguide import AutoGuide
 
 
-def loop_particles_unless_vectorized(loss: ELBO, model, guide, args: tuple, kwargs: dict) -> None:
-    """Switch ``loss`` (one ``fit`` built) to a loop over its particles if ``model`` does not vectorize them."""
+def loop_particles_unless_vectorized(loss: ELBO, model, guide, args: tuple, kwargs: dict, auto: bool = False) -> None:
+    """Where ``model`` does not vectorize the particles of ``loss`` (one ``fit`` built), run them one at a time.
+
+    ``auto`` (``num_particles="auto"``): take one particle per step there instead, as fast as before.
+    """
     if loss.num_particles < 2 or not getattr(loss, "vectorize_particles", False):
         return
     from ..diagnostics.replay import vectorization_failure
@@ -28,6 +34,9 @@ def loop_particles_unless_vectorized(loss: ELBO, model, guide, args: tuple, kwar
         guide._setup_prototype(*args, **kwargs)  # as the first step would, drawing the same numbers first
     reason = vectorization_failure(model, guide, args, kwargs)
     if reason is None:
+        if loss.max_plate_nesting == math.inf:  # Pyro would guess at the first step, drawing: a resume would not
+            with torch.random.fork_rng(), poutine.block():
+                loss._guess_max_plate_nesting(model, guide, args, kwargs)
         return
     if isinstance(loss, IWELBO):
         raise ValueError(
@@ -35,8 +44,9 @@ def loop_particles_unless_vectorized(loss: ELBO, model, guide, args: tuple, kwar
             f"({reason}); use estimator='stl' or 'elbo' (their particles can run one at a time) or vectorize the model"
         )
     loss.vectorize_particles = False
-    warnings.warn(
-        f"fit: the model does not run vectorized over particles ({reason}); its {loss.num_particles} particles "
-        "per step run one at a time: the same estimate, slower",
-        stacklevel=3,
-    )
+    if auto:
+        loss.num_particles = 1
+        what = "num_particles='auto' takes one per step (pass num_particles=K for K, run one at a time)"
+    else:
+        what = f"its {loss.num_particles} particles per step run one at a time: the same estimate, slower"
+    warnings.warn(f"fit: the model does not run vectorized over particles ({reason}); {what}", stacklevel=3)
