@@ -320,7 +320,8 @@ DEFAULTS_ABOUT = (
     "**`fit`'s defaults**: every guide is built with its class's defaults only (`vi_flows.AutoIAF(model)`, "
     '`AutoNormal(model)`, ...; the vi_flows guides start at `init="auto"`, the Pathfinder/Laplace start) and '
     "trained by `vi_flows.fit(model, guide, seed=0, progress=False)` and nothing else: at most 2000 steps with "
-    'the automatic stopping rule (`tol="auto"`), Adam at lr 0.01 decayed to 0.001, `Trace_ELBO` with 1 particle. '
+    'the automatic stopping rule (`tol="auto"`), Adam at lr 0.01 decayed to 0.001, `Trace_ELBO` with '
+    '`num_particles="auto"` (8 vectorized draws per step where the model vectorizes them, else 1). '
     "Pyro's guides go through the same call. This is what a user gets without tuning, not the hand-tuned budget "
     "of the script's main table."
 )

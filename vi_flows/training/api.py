@@ -15,7 +15,7 @@ from .batches import Inputs
 from .checkpoint import Checkpoints
 from .loop import Plan, prepare, run
 from .options import _check_args, _check_device, _make_loss, _make_optim
-from .particles import loop_particles_unless_vectorized
+from .particles import check_particles
 from .result import FitResult
 from .steps import make_step
 from .stopping import make_rule
@@ -58,7 +58,7 @@ def fit(
         lr: the default optimizer's lr; 1e-2, Adam's step per parameter in units of the start's scale (docs/guides.md).
         loss: a Pyro ELBO; default ``Trace_ELBO(num_particles, vectorize_particles=num_particles > 1)``.
         num_particles: draws per step, vectorized (one at a time where the model is not: :mod:`.particles`);
-            ``"auto"``: 8 where the model vectorizes them (about the cost of one), else 1 (``AUTO_PARTICLES``).
+            ``"auto"``: 8 where the model vectorizes them (about the cost of one), else 1; distributed, 1 per rank.
         seed: ``pyro.set_rng_seed(seed)`` first: equal seeds, equal runs; distributed, rank ``r`` then ``seed + r``.
         progress: a tqdm bar, shown on rank 0 and when stderr is a terminal only.
         callbacks: each called as ``cb(step, elbo, guide)`` after every step; one returning True stops the fit.
@@ -95,5 +95,5 @@ def fit(
     plan = Plan(num_steps, optim, guide, schedule, stopper, callbacks, checkpoints, log_every, progress)
     prepared = prepare(step, plan, model, inputs.to(step.device), seed, resume)
     if built_loss:  # a user's own loss is left as given
-        loop_particles_unless_vectorized(loss, model, guide, *inputs.peek(), auto=num_particles == "auto")
+        check_particles(loss, step, model, guide, inputs.peek(), auto=num_particles == "auto")
     return run(step, plan, *prepared)
