@@ -209,7 +209,12 @@ def test_resume_reproduces_the_uninterrupted_distributed_run(session):
 
 
 def _interrupt_worker(rank, out):
-    """Uninterrupted: 20 steps. Interrupted: rank 1 gets a SIGINT at step 7 (Ctrl-C); then resumed to step 20."""
+    """Uninterrupted: 20 steps. Interrupted: rank 1 gets a SIGINT at step 7 (Ctrl-C); then resumed to step 20.
+
+    A shell that starts the tests in the background hands its children SIGINT ignored; a terminal's Ctrl-C
+    reaches Python's default handler, so that is the one restored here.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     ckpt = os.path.join(out, "interrupted.pt")
     X, y = problem()
     seen = []
