@@ -66,13 +66,20 @@ class Summaries:
             return eps, self.flow(eps)
 
     @torch.no_grad()
-    def _latent_draws(self, num_samples: int, seed: int | None, args, kwargs) -> Tensor:
-        """``num_samples`` unconstrained draws ``z = μ + L f(ε)``, ``(S, d)``: ``get_posterior().sample``'s."""
-        _, flowed = self._noise_draws(num_samples, seed, args, kwargs)  # sets the guide up first
-        return self._base_map()(flowed)
+    def _flowed_latent(self, num_samples: int, seed: int | None, args, kwargs) -> Tensor | None:
+        """``num_samples`` unconstrained draws ``z = μ + L f(ε)``, ``(S, d)``; None while ``f`` is the identity.
 
-    def _constrained_draws(self, num_samples: int, seed: int | None, args, kwargs) -> dict[str, Tensor]:
-        latent = self._latent_draws(num_samples, seed, args, kwargs)
+        The identity: provably (no layers, a CNF's zero field) or by moving none of the draws by more than
+        ``128`` ulps (:func:`_moves_no_draw`); ``q`` is then the base Gaussian and summaries are exact.
+        """
+        self._prototype_ready(args, kwargs)
+        if self.flow.is_identity():
+            return None
+        eps, flowed = self._noise_draws(num_samples, seed, args, kwargs)
+        return None if _moves_no_draw(eps, flowed) else self._base_map()(flowed)
+
+    def _constrained(self, latent: Tensor) -> dict[str, Tensor]:
+        """Unconstrained draws ``(S, d)`` as ``{site: constrained values, draws first}``."""
         return {site["name"]: self._bijections[site["name"]](u) for site, u in self._unpack_draws(latent)}
 
     @torch.no_grad()
@@ -95,21 +102,11 @@ class Summaries:
         q = torch.as_tensor(quantiles, dtype=torch.float64)  # checked before the draws
         if q.dim() != 1 or ((q < 0) | (q > 1)).any():
             raise ValueError(f"quantiles must be a list of numbers in [0, 1], got {quantiles!r}")
-        self._prototype_ready(args, kwargs)
+        latent = self._flowed_latent(num_samples, seed, args, kwargs)
         q = q.to(dtype=self.loc_unit.dtype, device=self.loc_unit.device)
-        if self._acts_as_identity(num_samples, seed, args, kwargs):
-            z = torch.distributions.Normal(0.0, 1.0).icdf(q).unsqueeze(-1)
-            latent = self.loc + self.scale * z
-            return {site["name"]: self._bijections[site["name"]](u) for site, u in self._unpack_draws(latent)}
-        draws = self._constrained_draws(num_samples, seed, args, kwargs)
-        return {name: torch.quantile(v, q, dim=0) for name, v in draws.items()}
-
-    def _acts_as_identity(self, num_samples: int, seed: int | None, args, kwargs) -> bool:
-        """``f`` is the identity: provably, or by moving none of ``num_samples`` seeded draws (see :meth:`median`)."""
-        self._prototype_ready(args, kwargs)
-        if self.flow.is_identity():
-            return True
-        return _moves_no_draw(*self._noise_draws(num_samples, seed, args, kwargs))
+        if latent is None:  # q is the base Gaussian: its quantiles exactly
+            return self._constrained(self.loc + self.scale * torch.distributions.Normal(0.0, 1.0).icdf(q)[:, None])
+        return {name: torch.quantile(v, q, dim=0) for name, v in self._constrained(latent).items()}
 
     @torch.no_grad()
     def median(self, *args, num_samples: int = 4000, seed: int | None = 0, **kwargs) -> dict[str, Tensor]:
@@ -128,9 +125,8 @@ class Summaries:
         whose bijection couples elements (simplex, correlation Cholesky) get the image of the unconstrained
         medians, which stays inside the support.
         """
-        if self._acts_as_identity(num_samples, seed, args, kwargs):
-            return self._centre_median()
-        return self._draws_median(self._latent_draws(num_samples, seed, args, kwargs))
+        latent = self._flowed_latent(num_samples, seed, args, kwargs)
+        return self._centre_median() if latent is None else self._draws_median(latent)
 
     def _centre_median(self) -> dict[str, Tensor]:
         """``T(μ + L f(0))`` per site: the image of the noise's centre, the median of a Gaussian ``q``."""

@@ -23,31 +23,23 @@ from .steps import DistributedStep
 
 
 def check_particles(loss: ELBO, step, model, guide, inputs: tuple[tuple, dict], auto: bool) -> None:
-    """Before the first step: ``loss``'s particles vectorized only where the model runs them so.
+    """Before the first step: ``loss`` (one ``fit`` built) vectorizes its particles only where ``model`` runs them so.
 
-    Data-parallel (:class:`~.steps.DistributedStep`), ``"auto"`` takes one particle per rank (the ranks'
-    draws already average; ``estimator="iwelbo"`` keeps its 8) and no check runs: the check runs the model
-    outside the ranks' exchanges, so an error there on one rank would leave the others waiting.
+    Elsewhere they run one at a time, or, with ``auto`` (``num_particles="auto"``), one per step, as fast as
+    before. Data-parallel (:class:`~.steps.DistributedStep`), ``auto`` takes one per rank (the ranks' draws
+    already average; ``estimator="iwelbo"`` keeps its 8) and no check runs: the check runs the model outside
+    the ranks' exchanges, so an error there on one rank would leave the others waiting.
     """
-    if isinstance(step, DistributedStep):
-        from ..objectives import IWELBO
-
-        if auto and not isinstance(loss, IWELBO):  # the bound needs its K particles
-            loss.num_particles, loss.vectorize_particles = 1, False
-        return
-    loop_particles_unless_vectorized(loss, model, guide, *inputs, auto=auto)
-
-
-def loop_particles_unless_vectorized(loss: ELBO, model, guide, args: tuple, kwargs: dict, auto: bool = False) -> None:
-    """Where ``model`` does not vectorize the particles of ``loss`` (one ``fit`` built), run them one at a time.
-
-    ``auto`` (``num_particles="auto"``): take one particle per step there instead, as fast as before.
-    """
-    if loss.num_particles < 2 or not getattr(loss, "vectorize_particles", False):
-        return
     from ..diagnostics.replay import vectorization_failure
     from ..objectives import IWELBO
 
+    if isinstance(step, DistributedStep):
+        if auto and not isinstance(loss, IWELBO):  # the bound needs its K particles
+            loss.num_particles, loss.vectorize_particles = 1, False
+        return
+    if loss.num_particles < 2 or not getattr(loss, "vectorize_particles", False):
+        return
+    args, kwargs = inputs
     if isinstance(guide, AutoGuide) and guide.prototype_trace is None:
         guide._setup_prototype(*args, **kwargs)  # as the first step would, drawing the same numbers first
     reason = vectorization_failure(model, guide, args, kwargs)
@@ -67,4 +59,4 @@ def loop_particles_unless_vectorized(loss: ELBO, model, guide, args: tuple, kwar
         what = "num_particles='auto' takes one per step (pass num_particles=K for K, run one at a time)"
     else:
         what = f"its {loss.num_particles} particles per step run one at a time: the same estimate, slower"
-    warnings.warn(f"fit: the model does not run vectorized over particles ({reason}); {what}", stacklevel=4)
+    warnings.warn(f"fit: the model does not run vectorized over particles ({reason}); {what}", stacklevel=3)
