@@ -149,6 +149,8 @@ def fit_guide(name: str, model: Callable, data: Mapping, args: argparse.Namespac
     pyro.clear_param_store()
     guide = make_guide(name, model)
     extra = {"num_steps": QUICK_STEPS} if args.quick else {}
+    if args.tail_average:
+        extra["tail_average"] = True
     t0 = time.perf_counter()
     result = vi_flows.fit(model, guide, **data, seed=args.seed, progress=False, **extra)
     seconds = time.perf_counter() - t0
@@ -306,6 +308,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nuts-draws", type=int, default=None, help="NUTS draws after warmup (default 500)")
     p.add_argument("--no-docs", action="store_true", help="do not write the docs/benchmarks.md block")
     p.add_argument(
+        "--tail-average",
+        action="store_true",
+        help="fit(tail_average=True), a study of an option: implies --no-docs (the block holds the defaults)",
+    )
+    p.add_argument(
         "--merge",
         action="append",
         default=[],
@@ -320,6 +327,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.draws = args.draws or (200 if args.quick else 4000)
     args.nuts_warmup = args.nuts_warmup or (50 if args.quick else 300)
     args.nuts_draws = args.nuts_draws or (50 if args.quick else 500)
+    args.no_docs = args.no_docs or args.tail_average
     return args
 
 

@@ -10,7 +10,9 @@ import torch
 from pyro.infer import ELBO
 from pyro.optim import PyroOptim
 
+from ..validate import check_bool
 from .anneal import Schedule
+from .averaging import TailAverage
 from .batches import Inputs
 from .checkpoint import Checkpoints
 from .loop import Plan, prepare, run
@@ -18,7 +20,7 @@ from .options import _check_args, _check_device, _make_loss, _make_optim
 from .particles import check_particles
 from .result import FitResult
 from .steps import make_step
-from .stopping import make_rule
+from .stopping import GainRule, make_rule
 
 Callback = Callable[[int, float, Any], "bool | None"]
 
@@ -48,6 +50,7 @@ def fit(
     distributed: bool | None = None,
     anneal: int = 0,
     estimator: str | None = None,
+    tail_average: bool = False,
     **kwargs,
 ) -> FitResult:
     """Maximize the ELBO of ``guide`` for ``model(*args, **kwargs)`` by SVI, guarding every step; see docs/guides.md.
@@ -74,6 +77,8 @@ def fit(
         distributed: data-parallel over ``torch.distributed`` (:mod:`vi_flows.distributed`); None: when launched so.
         anneal: steps to ``β = 1`` of the target ``β_t log p`` (:mod:`.anneal`, Rezende & Mohamed 2015); 0: off.
         estimator: ``"elbo"`` (None), ``"stl"`` or ``"iwelbo"`` (:func:`.options._make_loss`); exclusive with ``loss``.
+        tail_average: a fit stopped by ``tol="auto"`` ends at the mean of the iterates over the steps the rule judged
+            flat, not at the last one (:mod:`.averaging`): closer means, higher k̂ (docs/guides.md). Needs that rule.
         **kwargs: keyword arguments of ``model`` and ``guide``.
 
     Raises:
@@ -83,6 +88,7 @@ def fit(
         ValueError: a bad argument, or a checkpoint that cannot be resumed (``CheckpointError``).
     """
     _check_args(num_steps, lr, num_particles, tol, patience, window, lr_decay, checkpoint_every, log_every)
+    check_bool(tail_average, "tail_average")
     schedule = Schedule(model, anneal)
     optim = _make_optim(optim, lr, lr_decay, num_steps)
     built_loss, loss = loss is None, _make_loss(loss, num_particles, estimator)
@@ -92,7 +98,8 @@ def fit(
     step = make_step(distributed, device, loss, optim, schedule.model, guide, inputs)
     checkpoints = None if checkpoint is None else Checkpoints(checkpoint, checkpoint_every)
     stopper = make_rule(tol, window, patience, num_steps)
-    plan = Plan(num_steps, optim, guide, schedule, stopper, callbacks, checkpoints, log_every, progress)
+    averager = TailAverage(window) if tail_average and isinstance(stopper, GainRule) else None
+    plan = Plan(num_steps, optim, guide, schedule, stopper, callbacks, checkpoints, log_every, progress, averager)
     prepared = prepare(step, plan, model, inputs.to(step.device), seed, resume)
     if built_loss:  # a user's own loss is left as given
         check_particles(loss, step, model, guide, inputs.peek(), auto=num_particles == "auto")

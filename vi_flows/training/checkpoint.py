@@ -52,23 +52,31 @@ class Checkpoints:
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
-    def write(self, step: int, optim: PyroOptim, history: dict, rngs: list | None = None) -> None:
-        _save_atomic(_checkpoint_state(step, optim, history, rngs), self.path)
+    def write(self, step: int, optim: PyroOptim, history: dict, rngs: list | None = None, average=None) -> None:
+        _save_atomic(_checkpoint_state(step, optim, history, rngs, average), self.path)
 
 
-def _checkpoint_state(step: int, optim: PyroOptim, history: dict, rngs: list | None = None) -> dict:
+def stepped_params(optim: PyroOptim) -> dict[str, torch.Tensor]:
+    """The parameters ``optim`` has stepped (the model's and guide's, unconstrained), by param-store name."""
+    store = pyro.get_param_store()
+    named = ((store.param_name(p), p) for p in optim.optim_objs)
+    return {name: p for name, p in named if name is not None}
+
+
+def _checkpoint_state(step: int, optim: PyroOptim, history: dict, rngs: list | None = None, average=None) -> dict:
     """The parameters saved are those the optimizer has stepped: the model's and guide's.
 
-    Distributed, ``rng`` is rank 0's state and ``rng_ranks`` every rank's.
+    Distributed, ``rng`` is rank 0's state and ``rng_ranks`` every rank's. ``average``: the tail average's sums
+    (:mod:`.averaging`); a checkpoint without them (older, or ``tail_average=False``) resumes without averaging.
     """
-    store = pyro.get_param_store()
     state = {
         "format": _FORMAT,
         "step": step,
-        "params": {store.param_name(p): p.detach() for p in optim.optim_objs if store.param_name(p) is not None},
+        "params": {name: p.detach() for name, p in stepped_params(optim).items()},
         "optim": optim.get_state(),
         "history": history,
         "rng": _get_rng_state() if rngs is None else rngs[0],
+        "average": average,
     }
     if rngs is not None:
         state["rng_ranks"] = rngs

@@ -18,8 +18,9 @@ from pyro.optim import PyroOptim
 from tqdm.auto import tqdm
 
 from .anneal import Schedule
+from .averaging import TailAverage
 from .batches import Inputs
-from .checkpoint import Checkpoints, _load_checkpoint, _load_params
+from .checkpoint import Checkpoints, _load_checkpoint, _load_params, stepped_params
 from .interrupt import _DeferredInterrupt
 from .options import _current_lr, _step_scheduler
 from .result import _COLUMNS, FitResult
@@ -40,6 +41,7 @@ class Plan:
     checkpoints: Checkpoints | None = None
     log_every: int = 10
     progress: bool = True
+    averager: TailAverage | None = None
 
 
 def prepare(step: LocalStep, plan: Plan, model, inputs: Inputs, seed: int | None, resume) -> tuple[int, dict, bool]:
@@ -74,6 +76,7 @@ def prepare(step: LocalStep, plan: Plan, model, inputs: Inputs, seed: int | None
             history.setdefault("beta", [1.0] * len(history["step"]))  # checkpoints written before annealing existed
             _load_params(state["params"], resume, params)
             plan.optim.set_state(state["optim"])
+            _resume_average(plan, state, params)
         store = pyro.get_param_store()
         return params, [(store.param_name(p), tuple(p.shape), str(p.dtype)) for p in params], history
 
@@ -83,21 +86,42 @@ def prepare(step: LocalStep, plan: Plan, model, inputs: Inputs, seed: int | None
     return start, history, state is not None and replay(plan.stopper, history)
 
 
+def _resume_average(plan: Plan, state: dict, params: list) -> None:
+    """Continue the checkpoint's tail average; without one (an older checkpoint), the resumed run does not average."""
+    if plan.averager is None:
+        return
+    if state.get("average") is None:
+        plan.averager = None
+        return
+    store = pyro.get_param_store()
+    plan.averager.load(state["average"], {store.param_name(p): p for p in params})
+
+
+def _average(averager: TailAverage | None, t: int, optim: PyroOptim, converged: bool) -> bool:
+    """Add step ``t``'s parameters to the tail average; at convergence set them to it. Whether they were."""
+    if averager is None:
+        return False
+    params = stepped_params(optim)
+    averager.update(t, params)
+    return converged and averager.apply(params)
+
+
 def run(step: LocalStep, plan: Plan, start: int, history: dict, converged: bool) -> FitResult:
     """Steps ``start + 1 .. num_steps``, until the stopping rule or a callback ends them; the :class:`FitResult`.
 
     A KeyboardInterrupt is re-raised after a final checkpoint, when the state is
     consistent: between steps (and distributed, once every rank agreed on it).
     """
-    ckpt, optim = plan.checkpoints, plan.optim
+    ckpt, optim, averager = plan.checkpoints, plan.optim, plan.averager
 
     def save(t: int) -> None:
         rngs = step.rng_states()
         if step.main:
-            ckpt.write(t, optim, history, rngs)
+            ckpt.write(t, optim, history, rngs, None if averager is None else averager.state())
 
     elapsed0 = history["elapsed"][-1] if history["elapsed"] else 0.0
     done, saved, in_step = start, start, False
+    averaged = converged and averager is not None and averager.complete  # a resumed run that had converged
     t0 = time.perf_counter()
     hide = None if plan.progress and step.main else True  # None: tqdm shows the bar only on a terminal
     bar = tqdm(total=plan.num_steps, initial=start, disable=hide, unit="step", desc="fit")
@@ -116,6 +140,7 @@ def run(step: LocalStep, plan: Plan, start: int, history: dict, converged: bool)
                 done, in_step = t, False
                 converged = plan.stopper is not None and beta == 1.0 and plan.stopper.update(t, elbo)
                 stop = step.callbacks(plan.callbacks, t, elbo, plan.guide)
+                averaged = _average(averager, t, optim, converged)
                 if ckpt is not None and ckpt.due(t):
                     step.guarded(save, t)
                     saved = t
@@ -133,4 +158,4 @@ def run(step: LocalStep, plan: Plan, start: int, history: dict, converged: bool)
     if ckpt is not None and saved != done:
         step.guarded(save, done)
     step.finish(done)
-    return FitResult.build(plan.guide, history, converged, done)
+    return FitResult.build(plan.guide, history, converged, done, averaged)

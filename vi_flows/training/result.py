@@ -22,7 +22,9 @@ class FitResult:
     fit, summed over resumed runs), ``lr`` (of the first parameter's
     optimizer), ``grad_norm`` (2-norm of all unconstrained gradients,
     before any clipping) and ``beta`` (the annealing factor on ``log p``,
-    1 unless ``fit(anneal=...)``).
+    1 unless ``fit(anneal=...)``). ``averaged``: the guide holds the mean of
+    the iterates the stopping rule judged flat (``fit(tail_average=True)``),
+    not the last one, whose ELBO the history's last row is.
     """
 
     guide: Any
@@ -30,20 +32,21 @@ class FitResult:
     converged: bool
     num_steps: int
     elapsed: float
+    averaged: bool = False
 
     @classmethod
-    def build(cls, guide, history: dict, converged: bool, num_steps: int) -> FitResult:
+    def build(cls, guide, history: dict, converged: bool, num_steps: int, averaged: bool = False) -> FitResult:
         """From the loop's history, a dict of one list per column."""
         import pandas as pd
 
         frame = pd.DataFrame(history, columns=list(_COLUMNS))
         elapsed = history["elapsed"][-1] if history["elapsed"] else 0.0
-        return cls(guide=guide, history=frame, converged=converged, num_steps=num_steps, elapsed=elapsed)
+        return cls(guide, frame, converged, num_steps, elapsed, averaged)
 
     def __repr__(self) -> str:
         tail = self.history["elbo"].tail(100)
         return (
-            f"FitResult(num_steps={self.num_steps}, converged={self.converged}, "
+            f"FitResult(num_steps={self.num_steps}, converged={self.converged}, averaged={self.averaged}, "
             f"elbo={tail.mean():.6g} (mean of last {len(tail)}), elapsed={self.elapsed:.3g}s)"
         )
 
