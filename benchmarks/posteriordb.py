@@ -79,11 +79,13 @@ def _vi_factories() -> dict[str, Callable]:
     }
 
 
-def make_guide(name: str, model: Callable) -> AutoContinuous:
-    """The guide ``name`` for ``model``, with its class's defaults: ``AutoX(model)``."""
+def make_guide(name: str, model: Callable, tails: bool = False) -> AutoContinuous:
+    """The guide ``name`` for ``model``: ``AutoX(model)``, or ``AutoX(model, tails=True)`` (vi_flows guides)."""
     factories = _vi_factories()
     if name not in factories:
         raise ValueError(f"unknown guide {name!r}; choose from {', '.join(GUIDES)}")
+    if tails and name in VI_GUIDES:
+        return factories[name](model, tails=True)
     return factories[name](model)
 
 
@@ -147,7 +149,7 @@ def fit_guide(name: str, model: Callable, data: Mapping, args: argparse.Namespac
     """Fit guide ``name`` with ``fit``'s defaults; return its draws' site arrays, k̂, seconds and steps."""
     _check_keywords(data)
     pyro.clear_param_store()
-    guide = make_guide(name, model)
+    guide = make_guide(name, model, args.tails)
     extra = {"num_steps": QUICK_STEPS} if args.quick else {}
     if args.tail_average:
         extra["tail_average"] = True
@@ -312,6 +314,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="fit(tail_average=True), a study of an option: implies --no-docs (the block holds the defaults)",
     )
+    p.add_argument("--tails", action="store_true", help="vi_flows guides with tails=True (a study: implies --no-docs)")
     p.add_argument(
         "--merge",
         action="append",
@@ -327,7 +330,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.draws = args.draws or (200 if args.quick else 4000)
     args.nuts_warmup = args.nuts_warmup or (50 if args.quick else 300)
     args.nuts_draws = args.nuts_draws or (50 if args.quick else 500)
-    args.no_docs = args.no_docs or args.tail_average
+    args.no_docs = args.no_docs or args.tail_average or args.tails
     return args
 
 
