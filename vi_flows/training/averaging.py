@@ -13,7 +13,8 @@ k̂ < 0.7 on 6 of 10 posteriors instead of 9; docs/benchmarks.md, posteriordb no
 
 Sums are kept per window, so the memory is ``TREND_WINDOWS + 1`` copies of the parameters and
 the cost one in-place add per parameter and step; they travel in the checkpoint, so a resumed run
-averages exactly as the uninterrupted one.
+averages exactly as the uninterrupted one. Not ``torch.optim.swa_utils.AveragedModel``: that averages
+one module's copy from a chosen step on, where this is a sliding window over Pyro's param store.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class TailAverage:
             self.done.clear()
             self.current = [torch.zeros_like(params[n]) for n in self.names]
         with torch.no_grad():
-            torch._foreach_add_(self.current, [params[n].detach() for n in self.names])
+            for total, name in zip(self.current, self.names):
+                total.add_(params[name])
         if step % self.window == 0:
             self.done.append(self.current)
             self.current = [torch.zeros_like(s) for s in self.current]

@@ -52,7 +52,9 @@ class Checkpoints:
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
-    def write(self, step: int, optim: PyroOptim, history: dict, rngs: list | None = None, average=None) -> None:
+    def write(
+        self, step: int, optim: PyroOptim, history: dict, rngs: list | None = None, average: dict | None = None
+    ) -> None:
         _save_atomic(_checkpoint_state(step, optim, history, rngs, average), self.path)
 
 
@@ -63,7 +65,9 @@ def stepped_params(optim: PyroOptim) -> dict[str, torch.Tensor]:
     return {name: p for name, p in named if name is not None}
 
 
-def _checkpoint_state(step: int, optim: PyroOptim, history: dict, rngs: list | None = None, average=None) -> dict:
+def _checkpoint_state(
+    step: int, optim: PyroOptim, history: dict, rngs: list | None = None, average: dict | None = None
+) -> dict:
     """The parameters saved are those the optimizer has stepped: the model's and guide's.
 
     Distributed, ``rng`` is rank 0's state and ``rng_ranks`` every rank's. ``average``: the tail average's sums
