@@ -321,8 +321,10 @@ DEFAULTS_ABOUT = (
     '`AutoNormal(model)`, ...; the vi_flows guides start at `init="auto"`, the Pathfinder/Laplace start) and '
     "trained by `vi_flows.fit(model, guide, seed=0, progress=False)` and nothing else: at most 2000 steps with "
     'the automatic stopping rule (`tol="auto"`), Adam at lr 0.01 decayed to 0.001, `Trace_ELBO` with '
-    '`num_particles="auto"` (8 vectorized draws per step where the model vectorizes them, else 1). '
-    "Pyro's guides go through the same call. This is what a user gets without tuning, not the hand-tuned budget "
+    '`num_particles="auto"` (8 vectorized draws per step where the model vectorizes them, else 1), ending at '
+    "the mean of the iterates the stopping rule judged flat (`tail_average=True`); the vi_flows guides end with "
+    "their heavy-tails layer (`tails=True`). Pyro's guides go through the same call. This is what a user gets "
+    "without tuning, not the hand-tuned budget "
     "of the script's main table."
 )
 

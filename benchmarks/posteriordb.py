@@ -79,13 +79,13 @@ def _vi_factories() -> dict[str, Callable]:
     }
 
 
-def make_guide(name: str, model: Callable, tails: bool = False) -> AutoContinuous:
-    """The guide ``name`` for ``model``: ``AutoX(model)``, or ``AutoX(model, tails=True)`` (vi_flows guides)."""
+def make_guide(name: str, model: Callable, tails: bool = True) -> AutoContinuous:
+    """The guide ``name`` for ``model``: ``AutoX(model)``, or ``AutoX(model, tails=False)`` (vi_flows guides)."""
     factories = _vi_factories()
     if name not in factories:
         raise ValueError(f"unknown guide {name!r}; choose from {', '.join(GUIDES)}")
-    if tails and name in VI_GUIDES:
-        return factories[name](model, tails=True)
+    if not tails and name in VI_GUIDES:
+        return factories[name](model, tails=False)
     return factories[name](model)
 
 
@@ -149,10 +149,10 @@ def fit_guide(name: str, model: Callable, data: Mapping, args: argparse.Namespac
     """Fit guide ``name`` with ``fit``'s defaults; return its draws' site arrays, k̂, seconds and steps."""
     _check_keywords(data)
     pyro.clear_param_store()
-    guide = make_guide(name, model, args.tails)
+    guide = make_guide(name, model, not args.no_tails)
     extra = {"num_steps": QUICK_STEPS} if args.quick else {}
-    if args.tail_average:
-        extra["tail_average"] = True
+    if args.no_tail_average:
+        extra["tail_average"] = False
     t0 = time.perf_counter()
     result = vi_flows.fit(model, guide, **data, seed=args.seed, progress=False, **extra)
     seconds = time.perf_counter() - t0
@@ -310,11 +310,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nuts-draws", type=int, default=None, help="NUTS draws after warmup (default 500)")
     p.add_argument("--no-docs", action="store_true", help="do not write the docs/benchmarks.md block")
     p.add_argument(
-        "--tail-average",
+        "--no-tail-average",
         action="store_true",
-        help="fit(tail_average=True), a study of an option: implies --no-docs (the block holds the defaults)",
+        help="fit(tail_average=False), a study of a default: implies --no-docs (the block holds the defaults)",
     )
-    p.add_argument("--tails", action="store_true", help="vi_flows guides with tails=True (a study: implies --no-docs)")
+    p.add_argument(
+        "--no-tails", action="store_true", help="vi_flows guides with tails=False (a study: implies --no-docs)"
+    )
     p.add_argument(
         "--merge",
         action="append",
@@ -330,7 +332,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.draws = args.draws or (200 if args.quick else 4000)
     args.nuts_warmup = args.nuts_warmup or (50 if args.quick else 300)
     args.nuts_draws = args.nuts_draws or (50 if args.quick else 500)
-    args.no_docs = args.no_docs or args.tail_average or args.tails
+    args.no_docs = args.no_docs or args.no_tail_average or args.no_tails
     return args
 
 
@@ -364,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 def merge(old: dict, new: dict) -> dict:
     """``new`` with ``old``'s rows for every (posterior, guide) it did not run; commands listed oldest first."""
     ran = {(r["posterior"], r["guide"]) for r in new["rows"]}
-    guides = list(dict.fromkeys([*old["guides"], *new["guides"]]))
+    guides = [g for g in GUIDES if g in {*old["guides"], *new["guides"]}]  # the table's order, however merged
     posteriors = list(dict.fromkeys([*old["posteriors"], *new["posteriors"]]))
     rows = [r for r in old["rows"] if (r["posterior"], r["guide"]) not in ran] + new["rows"]
     rows.sort(key=lambda r: (posteriors.index(r["posterior"]), guides.index(r["guide"])))

@@ -1,4 +1,4 @@
-"""fit(tail_average=True): a converged fit ends at the mean of the iterates its stopping rule judged flat."""
+"""fit(tail_average=True), the default: a converged fit ends at the mean of the iterates its rule judged flat."""
 
 import pyro
 import pyro.distributions as dist
@@ -32,6 +32,12 @@ def test_a_converged_fit_ends_at_the_mean_of_the_judged_steps():
         mean = torch.stack([s[name] for s in span]).mean(0)
         torch.testing.assert_close(value, mean, rtol=1e-5, atol=1e-6)  # float32 sums of 50 values
         assert not torch.equal(value, snaps[-1][name]), name  # and not the last iterate
+
+
+def test_averaging_is_the_default():
+    X, y = reg_data()
+    run = {k: v for k, v in RUN.items() if k != "tail_average"}
+    assert fit(regression, AutoNormal(regression), X, y, **run).averaged
 
 
 @pytest.mark.parametrize("options", [{"tail_average": False}, {"tol": None}, {"tol": 1e-3, "patience": 1}])

@@ -233,10 +233,10 @@ def test_posteriordb_merge_keeps_earlier_rows_and_lets_the_new_run_win(bench):
     }
     merged = pdb.merge(old, new)
     assert [(r["posterior"], r["guide"], r["accurate"]) for r in merged["rows"]] == [
+        ("earnings", "vi:normal", False),  # the table's guide order (GUIDES), not the runs'
         ("earnings", "vi:iaf", True),
-        ("earnings", "vi:normal", False),
-        ("kidiq", "vi:iaf", True),
         ("kidiq", "vi:normal", False),
+        ("kidiq", "vi:iaf", True),
     ]
     summary = {s["guide"]: (s["accurate"], s["khat_ok"]) for s in merged["summary"]}
     assert summary == {"vi:iaf": (2, 0), "vi:normal": (0, 2)}  # recomputed from the merged rows

@@ -192,6 +192,7 @@ CASES = [
     ("extra data", ["{r}/models.py:no_latent", "--data", "{r}/data.csv"], 2, ["'x' is not a parameter"]),
     ("unknown guide", ["{r}/models.py:regression", "--guide", "maf"], 2, ["invalid choice: 'maf'"]),
     ("negative steps", ["{r}/models.py:regression", "--steps", "-5"], 2, ["--steps", "positive integer"]),
+    ("bad particles", ["{r}/models.py:regression", "--particles", "many"], 2, ["--particles", "integer or auto"]),
     (
         "flows for cnf",
         ["{r}/models.py:regression", "--data", "{r}/data.csv", "--guide", "cnf", "--flows", "3"],

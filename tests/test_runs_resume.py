@@ -19,6 +19,7 @@ import pytest
 import torch
 from pyro.infer.autoguide import AutoNormal
 
+from vi_flows import AutoPlanar
 from vi_flows.cli import main
 from vi_flows.training import fit
 
@@ -132,10 +133,42 @@ def test_resume_takes_the_runs_settings_and_records_a_change_that_takes_effect(i
     assert code == 0, err
     settings = json.loads((copy / "run.json").read_text())
     assert settings["guide"] == "iaf" and settings["flows"] == 2 and settings["lr"] == 0.01  # the run's, not defaults
-    assert settings["particles"] == 2 and settings["resumes"] == [{"step": STEPS, "changed": {"particles": [1, 2]}}]
+    changed = {"particles": ["auto", 2]}  # fit's default, then the given value
+    assert settings["particles"] == 2 and settings["resumes"] == [{"step": STEPS, "changed": changed}]
     record = json.loads((copy / "diagnostics.json").read_text())["run"]
     assert record["particles"] == 2 and record["resumes"] == settings["resumes"] and record["steps"] == STEPS + 10
     assert list(pd.read_csv(copy / "elbo.csv")["step"]) == list(range(1, STEPS + 11))
+
+
+def test_a_run_records_its_tails_and_averaging_and_a_change_is_refused(inputs, copy, capsys):
+    settings = json.loads((copy / "run.json").read_text())
+    assert settings["tails"] is True and settings["tail_average"] is True  # the defaults, written down
+    before = snapshot(copy)
+    for flag, words in [("--no-tails", "--tails False differs from the run's True"),
+                        ("--no-tail-average", "--tail-average False differs from the run's True")]:  # fmt: skip
+        code, _, err = run([*fit_argv(inputs, copy, "--resume", flag)], capsys)
+        assert code == 2 and words in one_line(err)
+    assert snapshot(copy) == before
+
+
+def test_a_run_json_from_before_tails_and_averaging_resumes_as_it_was_made(inputs, tmp_path, capsys):
+    """run.json without the keys: a planar run then had no tails layer and no averaging; it resumes so."""
+    out = tmp_path / "old"
+    argv = fit_argv(inputs, out, "--guide", "planar", "--flows", "2", "--no-tails", "--no-tail-average")
+    assert run([*argv, "--steps", STEPS], capsys)[0] == 0
+    settings = json.loads((out / "run.json").read_text())
+    del settings["tails"], settings["tail_average"]
+    (out / "run.json").write_text(json.dumps(settings))
+    code, _, err = run([*fit_argv(inputs, out, "--resume", "--steps", STEPS + 10)], capsys)
+    assert code == 0, err  # with the new defaults the guide would have a tails layer the checkpoint lacks
+    record = json.loads((out / "diagnostics.json").read_text())["run"]
+    assert record["tails"] is False and record["tail_average"] is False and record["steps"] == STEPS + 10
+
+
+def test_tails_for_the_gaussian_guide_is_a_usage_error(inputs, tmp_path, capsys):
+    code, _, err = run([*fit_argv(inputs, tmp_path / "n", "--guide", "normal", "--no-tails")], capsys)
+    assert code == 2 and "apply to flow guides" in one_line(err)
+    assert not (tmp_path / "n").exists()
 
 
 # ---- a run folder is never overwritten silently ------------------------------------------------------------------
@@ -249,3 +282,14 @@ def test_fit_resume_from_another_models_checkpoint_names_the_parameter(checkpoin
     with pytest.raises(ValueError, match=r"made for another model or guide: parameter 'AutoNormal.locs.mu' has shape "
                                          r"\(\) there and \(2,\) here"):  # fmt: skip
         fit(two, AutoNormal(two), torch.tensor(0.5), num_steps=5, progress=False, resume=checkpoint)
+
+
+def test_a_checkpoint_from_before_the_tails_default_says_to_build_without_them(tmp_path):
+    path = tmp_path / "old.pt"
+    fit(small, AutoPlanar(small, num_flows=1, tails=False), torch.tensor(0.5), num_steps=3, progress=False,
+        checkpoint=path)  # fmt: skip
+    pyro.clear_param_store()
+    with pytest.raises(
+        ValueError, match=r"lacks: \[.*raw_tail.*skew'\]; saved before .* build the guide with tails=False"
+    ):
+        fit(small, AutoPlanar(small, num_flows=1), torch.tensor(0.5), num_steps=5, progress=False, resume=path)

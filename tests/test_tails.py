@@ -1,4 +1,4 @@
-"""Sinh-arcsinh tails (``AutoFlow(tails=True)``, ``AutoIAF``'s default): heavier-than-Gaussian posteriors.
+"""Sinh-arcsinh tails (``tails=True``, every guide's default): heavier-than-Gaussian posteriors.
 
 The transform's Jacobian, inverse, dtype and save/load are in the contract suite (``transform_factory``);
 here, what the layer is for: a posterior with polynomial tails, where log Z = 0 is known exactly.
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from vi_flows.diagnostics import diagnose
+from vi_flows.families import FAMILIES
 from vi_flows.guides import AutoFlow, AutoIAF
 from vi_flows.training import fit
 from vi_flows.transforms import SinhArcsinh
@@ -52,3 +53,16 @@ def test_tails_start_as_the_identity_so_the_start_is_kept():
 def test_tails_must_be_a_bool():
     with pytest.raises(ValueError, match="tails"):
         AutoFlow(student_t_model, tails="yes")
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_guide_ends_with_the_tails_layer_unless_told_not_to(name):
+    model = student_t_model
+    pyro.clear_param_store()
+    guide = FAMILIES[name].guide(model)
+    guide()
+    assert isinstance(guide.flow.parts[-1], SinhArcsinh), guide.flow.parts
+    pyro.clear_param_store()
+    plain = FAMILIES[name].guide(model, tails=False)
+    plain()
+    assert not any(isinstance(part, SinhArcsinh) for part in plain.flow.parts)

@@ -32,7 +32,7 @@ import os
 import sys
 import tempfile
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,8 +57,10 @@ DEFAULTS: dict[str, Any] = {
     "flows": None,
     "steps": 2000,
     "lr": 1e-2,
-    "particles": 1,
+    "particles": "auto",  # fit's: 8 vectorized draws per step where the model vectorizes them, else 1
     "anneal": 0,
+    "tails": True,
+    "tail_average": True,
     "samples": 4000,  # past diagnostics.MIN_DRAWS_FOR_KHAT: k-hat reads against diagnostics.KHAT_OK
     "seed": 0,
     "device": None,
@@ -69,10 +71,18 @@ REFUSED = {
     "flows": "the number of flow layers makes the parameters",
     "lr": "the optimizer's saved state holds the learning rate",
     "anneal": "the annealing schedule is part of the objective the history was trained on",
+    "tails": "the tails layer makes parameters",
+    "tail_average": "the checkpoint holds the averaging sums only when the run averaged from its start",
     "seed": "a resumed run continues the checkpoint's random state, which the seed only started",
 }
 #: On ``--resume``, these take effect; those that change the training are recorded in run.json's ``resumes``.
 RECORDED = ("data", "particles", "device", "nproc")
+#: What a run.json written before an option existed means by its absence: the behaviour of that version.
+LEGACY: dict[str, Callable[[dict], Any]] = {
+    "particles": lambda saved: 1,
+    "tails": lambda saved: saved.get("guide", DEFAULTS["guide"]) == "iaf",  # AutoIAF alone had them
+    "tail_average": lambda saved: False,
+}
 
 
 class UsageError(Exception):
@@ -131,6 +141,7 @@ def plan_run(args: argparse.Namespace, data_shapes: dict | None) -> Plan:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out: {str(out)!r} is a file, not a folder")
     plan = Plan(out, existing=[n for n in (SETTINGS, *FILES) if (out / n).exists()])
+    given_tails = args.tails
     if not args.resume:
         for name, value in DEFAULTS.items():
             if getattr(args, name) is None:
@@ -142,6 +153,7 @@ def plan_run(args: argparse.Namespace, data_shapes: dict | None) -> Plan:
                 "--resume, or replace it with --overwrite"
             )
         _check_flows(args)
+        _check_tails(args, given_tails)
         return plan
     checkpoint = out / "guide.pt"
     if not checkpoint.exists():
@@ -155,12 +167,15 @@ def plan_run(args: argparse.Namespace, data_shapes: dict | None) -> Plan:
     saved = plan.saved or {}
     for name, default in DEFAULTS.items():
         if name not in given:
-            setattr(args, name, saved.get(name, default))
+            setattr(args, name, saved.get(name, LEGACY[name](saved) if name in LEGACY else default))
     _check_flows(args)
+    _check_tails(args, given_tails)
     for name, why in REFUSED.items():
-        if name in given and name in saved and _effective(args, name) != _effective_saved(saved, name):
+        known = name in saved or name in LEGACY
+        if name in given and known and _effective(args, name) != _effective_saved(saved, name):
             raise UsageError(
-                f"--resume: --{name} {given[name]} differs from the run's {_effective_saved(saved, name)} "
+                f"--resume: --{name.replace('_', '-')} {given[name]} differs from the run's "
+                f"{_effective_saved(saved, name)} "
                 f"({out / plan.source}): {why}; start a new run instead (--overwrite or another --out)"
             )
     if data_shapes is not None:
@@ -280,6 +295,11 @@ def _check_flows(args: argparse.Namespace) -> None:
         raise UsageError(f"--flows applies to flow-layer guides (planar, radial, iaf, ...), not {args.guide}")
 
 
+def _check_tails(args: argparse.Namespace, given: bool | None) -> None:
+    if args.guide == "normal" and given is not None:
+        raise UsageError("--tails/--no-tails apply to flow guides (planar, radial, iaf, ...), not normal (AutoNormal)")
+
+
 def _effective(args: argparse.Namespace, name: str):
     """The value an option has in effect: ``--flows`` unset is the guide's default, ``--data`` an absolute path."""
     value = getattr(args, name)
@@ -287,13 +307,17 @@ def _effective(args: argparse.Namespace, name: str):
         return _default_flows(args.guide) if value is None else value
     if name == "data" and value is not None:
         return os.path.abspath(value)
+    if name == "tails" and args.guide == "normal":
+        return None  # AutoNormal has no flow to end
     return value
 
 
 def _effective_saved(saved: dict, name: str):
-    value = saved.get(name)
+    value = saved.get(name, LEGACY[name](saved) if name in LEGACY else None)
     if name == "flows" and value is None:
         return _default_flows(saved.get("guide", DEFAULTS["guide"]))
+    if name == "tails" and saved.get("guide", DEFAULTS["guide"]) == "normal":
+        return None
     return value
 
 
@@ -315,6 +339,8 @@ def _settings(args: argparse.Namespace, data_shapes: dict) -> dict:
         "lr": args.lr,
         "particles": args.particles,
         "anneal": args.anneal,
+        "tails": _effective(args, "tails"),
+        "tail_average": args.tail_average,
         "samples": args.samples,
         "seed": args.seed,
         "device": args.device,

@@ -60,6 +60,8 @@ def _report(args, plan: Plan, model, guide, result, device) -> None:
         "lr": args.lr,
         "particles": args.particles,
         "anneal": args.anneal,
+        "tails": _effective(args, "tails"),
+        "tail_average": args.tail_average,
         "seed": args.seed,
         "device": str(device) if device is not None else None,
         "nproc": _world_size(args),

@@ -101,7 +101,7 @@ def fit_command(args: argparse.Namespace) -> None:
     _preflight(bound)
     if _claims_folder(args):
         claim_folder(plan, args, shapes)
-    guide = _make_guide(args.guide, bound, args.flows)
+    guide = _make_guide(args.guide, bound, args.flows, args.tails)
     checkpoint = plan.out / "guide.pt"
     try:
         with _one_line_warnings(), _recording_resume(plan, args, shapes):
@@ -112,6 +112,7 @@ def fit_command(args: argparse.Namespace) -> None:
                 lr=args.lr,
                 num_particles=args.particles,
                 anneal=args.anneal,
+                tail_average=args.tail_average,
                 seed=args.seed,
                 progress=not args.quiet,
                 checkpoint=checkpoint,
@@ -223,7 +224,7 @@ def _preflight(model) -> None:
             raise FitError(discrete_site_advice(site["name"], site["fn"]))
 
 
-def _make_guide(name: str, model, flows: int | None):
+def _make_guide(name: str, model, flows: int | None, tails: bool = True):
     """The guide of ``--guide NAME`` (:data:`vi_flows.families.FAMILIES`), with ``flows`` layers when given.
 
     ``normal`` stays Pyro's ``AutoNormal`` (the registry's plain Gaussian is ``AutoFlow`` without layers):
@@ -234,4 +235,4 @@ def _make_guide(name: str, model, flows: int | None):
 
         return AutoNormal(model)
     cls = FAMILIES[name].guide
-    return cls(model) if flows is None else cls(model, num_flows=flows)
+    return cls(model, tails=tails) if flows is None else cls(model, num_flows=flows, tails=tails)

@@ -46,6 +46,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _particles(text: str) -> int | str:
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {text!r}") from None
+
+
 def _non_negative_int(text: str) -> int:
     if text.strip() == "0":
         return 0
@@ -58,9 +67,11 @@ replace it. With --resume, options not given take the run's values (run.json), e
 Taking effect: --steps (the total, counting the run's steps), --particles, --samples, --device, --nproc and
 --data (same names and shapes); changes to --data, --particles, --device and --nproc are recorded in run.json
 and diagnostics.json (another --nproc reseeds the ranks: the run no longer reproduces an uninterrupted one).
-Refused, naming the run's value: --guide, --flows and the data's shapes (they make the parameters), --lr
-(the optimizer's saved state holds it), --anneal (part of the objective) and --seed (the checkpoint's random
-state continues). A checkpoint whose parameters this model and guide do not create is refused.
+Refused, naming the run's value: --guide, --flows, --tails and the data's shapes (they make the parameters),
+--lr (the optimizer's saved state holds it), --anneal (part of the objective), --tail-average (the checkpoint
+holds the sums) and --seed (the checkpoint's random state continues). A run.json written before --tails and
+--tail-average existed resumes as it was made: no averaging, tails for iaf only. A checkpoint whose parameters
+this model and guide do not create is refused.
 """
 
 
@@ -87,12 +98,26 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--data", help=".csv (columns), .json (object) or .npz (arrays): keyword arguments of the model")
     fit.add_argument("--flows", type=_positive_int, help=_flows_help())
     fit.add_argument("--lr", type=_positive_float, help="Adam learning rate (default: 0.01)")
-    fit.add_argument("--particles", type=_positive_int, help="ELBO particles per step (default: 1)")
+    fit.add_argument(
+        "--particles",
+        type=_particles,
+        help="ELBO draws per step, or auto: 8 vectorized where the model vectorizes them, else 1 (default: auto)",
+    )
     fit.add_argument(
         "--anneal",
         type=_non_negative_int,
         metavar="STEPS",
         help="temper log p by min(1, 0.01 + t/STEPS) (0: off, the default)",
+    )
+    fit.add_argument(
+        "--tails",
+        action=argparse.BooleanOptionalAction,
+        help="end the flow with a learned heavy-tails layer (default: on; flow guides only)",
+    )
+    fit.add_argument(
+        "--tail-average",
+        action=argparse.BooleanOptionalAction,
+        help="a converged fit ends at the mean of its last flat iterates (default: on)",
     )
     fit.add_argument("--samples", type=_positive_int, help="guide draws for the report (default 4000)")
     fit.add_argument("--device", help="torch device for the data and guide, e.g. cuda (default: cpu)")

@@ -61,9 +61,6 @@ class AutoIAF(AutoFlow):
     so the guide starts at its base Gaussian. Sampling and ``log q`` of a sample cost one network pass
     per layer; ``log_prob`` of an arbitrary point costs ``d``. Default 2 layers, as in Pyro's
     ``AutoIAFNormal`` and the IAF paper's small models; ``hidden_dims`` default ``(3d + 1,)``.
-    ``tails=True`` (default) ends the flow with a :class:`~vi_flows.transforms.SinhArcsinh` layer: affine
-    layers keep a Gaussian's tails, and a hierarchical model's scale has a heavier one (measured with
-    and without: ``docs/benchmarks.md``, posteriordb and demo).
     """
 
     def __init__(
@@ -71,15 +68,13 @@ class AutoIAF(AutoFlow):
         model: Callable,
         num_flows: int = 2,
         hidden_dims: Sequence[int] | None = None,
-        *,
-        tails: bool = True,
         **kwargs,
     ):
         num_flows = check_positive_int(num_flows, "num_flows")
         if hidden_dims is not None:
             hidden_dims = check_hidden_dims(hidden_dims)
         make = partial(affine_iaf_stack, num_flows=num_flows, hidden_dims=hidden_dims)
-        super().__init__(model, make, tails=tails, **kwargs)
+        super().__init__(model, make, **kwargs)
 
 
 class AutoCNF(AutoFlow):

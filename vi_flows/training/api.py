@@ -50,7 +50,7 @@ def fit(
     distributed: bool | None = None,
     anneal: int = 0,
     estimator: str | None = None,
-    tail_average: bool = False,
+    tail_average: bool = True,
     **kwargs,
 ) -> FitResult:
     """Maximize the ELBO of ``guide`` for ``model(*args, **kwargs)`` by SVI, guarding every step; see docs/guides.md.
@@ -78,7 +78,8 @@ def fit(
         anneal: steps to ``β = 1`` of the target ``β_t log p`` (:mod:`.anneal`, Rezende & Mohamed 2015); 0: off.
         estimator: ``"elbo"`` (None), ``"stl"`` or ``"iwelbo"`` (:func:`.options._make_loss`); exclusive with ``loss``.
         tail_average: a fit stopped by ``tol="auto"`` ends at the mean of the iterates over the steps the rule judged
-            flat, not at the last one (:mod:`.averaging`): closer means, higher k̂ (docs/guides.md). Needs that rule.
+            flat, not at the last one (:mod:`.averaging`): closer means (docs/guides.md). Needs that rule; False: the
+            last iterate.
         **kwargs: keyword arguments of ``model`` and ``guide``.
 
     Raises:

@@ -7,9 +7,10 @@ in the posterior's means: a flow 0.15–0.3 posterior sds off in one direction l
 ``TREND_WINDOWS · window``) lies at the centre of the wander (Polyak & Juditsky, "Acceleration of
 stochastic approximation by averaging", SIAM J. Control Optim. 1992; Ruppert 1988).
 
-Off by default: the averaged flow sits at the KL optimum, a little too narrow in the tails, and PSIS k̂
-rises (posteriordb: the largest mean error of every family fell to 0.05–0.07 sd, but ``AutoPlanar`` kept
-k̂ < 0.7 on 6 of 10 posteriors instead of 9; docs/benchmarks.md, posteriordb notes).
+On by default, with the guides' heavy tails (``AutoFlow(tails=True)``). Alone, the averaged flow sits
+at the KL optimum, a little too narrow in the tails, and PSIS k̂ rises (``AutoPlanar``: k̂ < 0.7 on 6 of
+10 posteriordb posteriors instead of 9); with the tails layer every family is accurate on 10 of 10 with
+k̂ < 0.7 on 9–10 (docs/benchmarks.md, posteriordb). ``fit(tail_average=False)`` keeps the last iterate.
 
 Sums are kept per window, so the memory is ``TREND_WINDOWS + 1`` copies of the parameters and
 the cost one in-place add per parameter and step; they travel in the checkpoint, so a resumed run

@@ -135,6 +135,11 @@ def _unreadable(path, error: Exception) -> str:
     return "is damaged (truncated or corrupted: torch cannot read its zip archive); resume from another copy"
 
 
+#: The parameters of :class:`~vi_flows.transforms.SinhArcsinh`, every guide's last layer by default (not in old
+#: checkpoints).
+_TAILS_PARAMS = (".skew", ".raw_tail")
+
+
 def _load_params(saved: dict, path, params: list[torch.Tensor]) -> None:
     """Overwrite the parameters of the param store in place with ``saved``, the checkpoint ``path``'s.
 
@@ -156,7 +161,9 @@ def _load_params(saved: dict, path, params: list[torch.Tensor]) -> None:
         raise CheckpointError(f"{where} it has parameters that this model and guide do not create: {unknown}")
     missing = sorted({store.param_name(p) for p in params} - set(saved))
     if missing:
-        raise CheckpointError(f"{where} this model and guide create parameters it lacks: {missing}")
+        tails = all(name.endswith(_TAILS_PARAMS) for name in missing)
+        hint = "; saved before every guide ended with a tails layer: build the guide with tails=False" if tails else ""
+        raise CheckpointError(f"{where} this model and guide create parameters it lacks: {missing}{hint}")
     with torch.no_grad():
         for name, value in saved.items():
             current[name].copy_(value)

@@ -7,7 +7,9 @@ points at its cause instead of at the NaN parameters it would otherwise leave be
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import pyro
 import torch
@@ -38,11 +40,33 @@ def _guard(step: int, loss_value: float, params, model, guide, args, kwargs, lr:
         parts.append(f"non-finite loss ({loss_value}) at step {step}; {_bad_sites(model, guide, args, kwargs)}")
     if bad:
         parts.append(f"non-finite gradient at step {step} in parameters: {', '.join(bad)}")
-    parts.append(f"the parameters keep their values from step {step - 1}")
+    raise FloatingPointError("; ".join(parts + _advice(step, lr)))
+
+
+@contextlib.contextmanager
+def invalid_values(step: int, lr: float = math.nan) -> Iterator[None]:
+    """A distribution's argument check failing on a NaN or inf raised as the guard's FloatingPointError.
+
+    Parameters that the optimizer made huge but finite give a finite gradient, then a non-finite draw
+    at the next step, which a distribution's ``validate_args`` refuses (ValueError, "found invalid
+    values") before any loss exists: the same failure, named as the guard names it.
+    """
+    try:
+        yield
+    except ValueError as e:
+        if "found invalid values" not in str(e):
+            raise
+        cause = f"non-finite value at step {step}: {str(e).splitlines()[0]}"
+        raise FloatingPointError("; ".join([cause, *_advice(step, lr)])) from e
+
+
+def _advice(step: int, lr: float) -> list[str]:
+    """Where the parameters stand, and after step 1 (they are the optimizer's work) a 10x smaller lr."""
+    parts = [f"the parameters keep their values from step {step - 1}"]
     if step > 1:
         smaller = f" (lr={lr / 10:.3g})" if math.isfinite(lr) else ""
         parts.append(f"the optimizer's steps led here: try lowering lr by 10x{smaller}")
-    raise FloatingPointError("; ".join(parts))
+    return parts
 
 
 def _bad_sites(model, guide, args, kwargs) -> str:

@@ -29,7 +29,7 @@ from pyro.optim import PyroOptim
 from .. import distributed as _distributed
 from .batches import Inputs
 from .checkpoint import _get_rng_state, _set_rng_state
-from .guard import _grad_norm, _guard
+from .guard import _grad_norm, _guard, invalid_values
 from .options import _current_lr
 
 
@@ -48,7 +48,7 @@ def _create_params(model, guide, args, kwargs) -> list[torch.Tensor]:
 
 def _svi_step(step: int, loss: ELBO, optim: PyroOptim, model, guide, args, kwargs) -> tuple[float, float]:
     """``SVI.step`` with the gradients checked before the optimizer runs. Returns (loss, gradient norm)."""
-    with poutine.trace(param_only=True) as capture:
+    with poutine.trace(param_only=True) as capture, invalid_values(step, _current_lr(optim)):
         loss_value = torch_item(loss.loss_and_grads(model, guide, *args, **kwargs))
     return _apply_step(step, loss_value, _traced_params(capture), optim, model, guide, args, kwargs)
 
@@ -194,7 +194,7 @@ class DistributedStep(LocalStep):
         if error is None:
             try:
                 args, kwargs = self.inputs.next()
-                with poutine.trace(param_only=True) as capture:
+                with poutine.trace(param_only=True) as capture, invalid_values(step, _current_lr(self.optim)):
                     loss_value = torch_item(self.loss.loss_and_grads(self.model, self.guide, *args, **kwargs))
                 new = self.sync.unknown(_traced_params(capture))
                 if new:
