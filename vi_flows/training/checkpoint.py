@@ -26,6 +26,8 @@ import pyro
 import torch
 from pyro.optim import PyroOptim
 
+from ..transforms.tails import SinhArcsinh
+
 _FORMAT = "vi_flows.fit/1"
 
 
@@ -135,9 +137,9 @@ def _unreadable(path, error: Exception) -> str:
     return "is damaged (truncated or corrupted: torch cannot read its zip archive); resume from another copy"
 
 
-#: The parameters of :class:`~vi_flows.transforms.SinhArcsinh`, every guide's last layer by default (not in old
-#: checkpoints).
-_TAILS_PARAMS = (".skew", ".raw_tail")
+#: Name endings of :class:`~vi_flows.transforms.SinhArcsinh`'s parameters, read from the layer itself: every guide's
+#: last layer by default, absent from checkpoints written before that default.
+_TAILS_PARAMS = tuple(f".{name}" for name, _ in SinhArcsinh(1).named_parameters())
 
 
 def _load_params(saved: dict, path, params: list[torch.Tensor]) -> None:
