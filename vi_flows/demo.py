@@ -5,8 +5,8 @@
 2. Eight schools (centered), the classic funnel where mean-field VI fails.
 
 For each guide it prints steps, seconds, the ELBO, the importance-weighted
-bound and PSIS k-hat, and saves a PNG of the fitted energy densities. The two
-problems run in two processes where there are two cores.
+bound and PSIS k-hat, and saves a PNG of the fitted energy densities. The fits
+are shared by two processes where there are two cores, longest first.
 """
 
 from __future__ import annotations
@@ -45,18 +45,23 @@ def eight_schools(y: torch.Tensor = SCHOOLS_Y, sigma: torch.Tensor = SCHOOLS_SIG
         pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
 
 
-def _guides(quick: bool) -> dict[str, tuple[Callable, int | None]]:
-    """name -> (guide factory, steps). Every guide with its defaults; steps ``None``: ``fit``'s default.
+def _guides(quick: bool, problem: str) -> dict[str, tuple[Callable, int | None]]:
+    """name -> (guide factory, steps) for ``problem``. Every guide with its defaults; steps ``None``: ``fit``'s default.
 
-    The CNF solves an ODE per step, so it gets a fixed, smaller budget; ``quick`` caps every fit.
+    ``quick`` caps every fit (the CNF, which solves an ODE per step, harder). The CNF runs on the energy only:
+    with ``fit``'s defaults it is the one flow under k̂ 0.7 there (1800 steps, about 2 minutes on one core), and
+    on the 10-d funnel it takes 6 minutes for k̂ 0.88 (docs/benchmarks.md, posteriors-defaults).
     """
-    flows = {FAMILIES[name].guide: 500 if quick else None for name in ("planar", "iaf", "nsf")}
-    flows[FAMILIES["cnf"].guide] = 100 if quick else 200
+    names = ("planar", "iaf", "nsf") + (("cnf",) if problem == PROBLEMS[0] else ())
+    flows = {FAMILIES[name].guide: (100 if name == "cnf" else 500) if quick else None for name in names}
     return {"AutoNormal": (AutoNormal, 500 if quick else None), **{g.__name__: (g, n) for g, n in flows.items()}}
 
 
 PROBLEMS = ("energy U3", "eight schools")
 ENERGY = "U3"
+#: The demo's fits, longest first (seconds on one core, full size, docs/benchmarks.md): so that two worker
+#: processes taking them in this order finish together (longest-processing-time-first list scheduling).
+LONGEST_FIRST = ("AutoCNF", "AutoNSF", "AutoPlanar", "AutoNormal", "AutoIAF")
 
 
 def _problem(problem: str) -> tuple[Callable, float | None]:
@@ -66,23 +71,26 @@ def _problem(problem: str) -> tuple[Callable, float | None]:
     return eight_schools, None
 
 
-def _solve(problem: str, quick: bool, seed: int, progress: bool) -> tuple[list[dict], dict]:
-    """Fit every guide to one problem: its table rows and, for the energy, each fitted density on a grid.
+def _jobs(quick: bool) -> list[tuple[str, str]]:
+    """Every ``(problem, guide)`` fit of the demo, longest first."""
+    jobs = [(problem, name) for problem in PROBLEMS for name in _guides(quick, problem)]
+    return sorted(jobs, key=lambda job: (LONGEST_FIRST.index(job[1]), PROBLEMS.index(job[0]) == 0))
+
+
+def _job(problem: str, name: str, quick: bool, seed: int, progress: bool) -> tuple[dict, torch.Tensor | None]:
+    """One fit: its table row and, for the energy, its log density on the picture's grid.
 
     Runs in a worker process of its own when the demo has two cores, so it returns tensors, not guides.
     """
     torch.set_num_threads(1)  # tiny models: threads only add overhead
-    rows, fitted = [], {}
-    for name in _guides(quick):
-        row, fitted[name] = demo_row(problem, name, quick, seed, progress)
-        rows.append(row)
-    return rows, (_panels(fitted) if _problem(problem)[1] is not None else {})
+    row, guide = demo_row(problem, name, quick, seed, progress)
+    return row, (_panel(guide) if _problem(problem)[1] is not None else None)
 
 
 def demo_row(problem: str, name: str, quick: bool = False, seed: int = 0, progress: bool = False) -> tuple[dict, Any]:
     """One row of the demo's table, and the fitted guide: guide ``name`` fitted to ``problem`` with its defaults."""
     model, log_z = _problem(problem)
-    make, steps = _guides(quick)[name]
+    make, steps = _guides(quick, problem)[name]
     pyro.clear_param_store()
     guide = make(model)
     start = time.perf_counter()
@@ -107,20 +115,21 @@ def demo_row(problem: str, name: str, quick: bool = False, seed: int = 0, progre
 GRID_LIM, GRID_N = 4.0, 200
 
 
-def _panels(fitted: dict) -> dict[str, torch.Tensor]:
-    """``{title: log density on the GRID_N² grid}``: the true energy, then each fitted guide."""
+def _grid() -> torch.Tensor:
+    """The picture's ``GRID_N²`` points of ``[−GRID_LIM, GRID_LIM]²``, shape ``(GRID_N², 2)``."""
     axis = torch.linspace(-GRID_LIM, GRID_LIM, GRID_N)
-    zz = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)
-    panels = {f"true {ENERGY}": log_density(ENERGY, zz)}
+    return torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)
+
+
+def _panel(guide) -> torch.Tensor:
+    """A fitted energy guide's log density on :func:`_grid`."""
+    zz = _grid()
     with torch.no_grad():
-        for name, guide in fitted.items():
-            if hasattr(guide, "get_posterior"):
-                panels[name] = guide.get_posterior().log_prob(zz)
-            else:  # AutoNormal: independent Normals
-                loc = torch.stack([guide.locs.z[0], guide.locs.z[1]])
-                scale = torch.stack([guide.scales.z[0], guide.scales.z[1]])
-                panels[name] = dist.Normal(loc, scale).log_prob(zz).sum(-1)
-    return panels
+        if hasattr(guide, "get_posterior"):
+            return guide.get_posterior().log_prob(zz)
+        loc = torch.stack([guide.locs.z[0], guide.locs.z[1]])  # AutoNormal: independent Normals
+        scale = torch.stack([guide.scales.z[0], guide.scales.z[1]])
+        return dist.Normal(loc, scale).log_prob(zz).sum(-1)
 
 
 def _plot(panels: dict[str, torch.Tensor], path: Path) -> None:
@@ -141,29 +150,34 @@ def _plot(panels: dict[str, torch.Tensor], path: Path) -> None:
     plt.close(fig)
 
 
-def _solve_all(quick: bool, seed: int, progress: bool, workers: int) -> list[tuple[list[dict], dict]]:
-    """Both problems, in ``workers`` processes (``spawn``: safe with torch's thread pools) or in this one."""
+def _fit_all(quick: bool, seed: int, progress: bool, workers: int) -> list[tuple[dict, torch.Tensor | None]]:
+    """Every job of :func:`_jobs`, in ``workers`` processes (``spawn``: safe with torch's thread pools) or in
+    this one; results in the jobs' order."""
+    jobs = _jobs(quick)
     if workers < 2:
-        return [_solve(problem, quick, seed, progress) for problem in PROBLEMS]
+        return [_job(problem, name, quick, seed, progress) for problem, name in jobs]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     # Two bars redrawn from two processes garble each other: the workers fit quietly.
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        jobs = [pool.submit(_solve, problem, quick, seed, False) for problem in PROBLEMS]
-        return [job.result() for job in jobs]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_job, problem, name, quick, seed, False) for problem, name in jobs]
+        return [future.result() for future in futures]
 
 
 def run_demo(
     quick: bool = False, seed: int = 0, out: str | Path = ".", progress: bool = True, workers: int | None = None
 ) -> pd.DataFrame:
-    """Fit the five guides to U3 and eight schools; print the table; save ``demo_densities.png``.
+    """Fit the guides of :func:`_guides` to U3 and eight schools; print the table; save ``demo_densities.png``.
 
-    ``workers``: processes for the two problems (default: 2 where the machine has 2 cores or more).
+    ``workers``: processes sharing the fits, longest first (default: 2 where the machine has 2 cores or more).
     """
     workers = min(2, os.cpu_count() or 1) if workers is None else check_positive_int(workers, "workers")
-    (rows, panels), (school_rows, _) = _solve_all(quick, seed, progress, workers)
-    table = pd.DataFrame(rows + school_rows)
+    done = dict(zip(_jobs(quick), _fit_all(quick, seed, progress, workers)))
+    order = [(problem, name) for problem in PROBLEMS for name in _guides(quick, problem)]
+    table = pd.DataFrame([done[job][0] for job in order])
+    panels = {f"true {ENERGY}": log_density(ENERGY, _grid())}
+    panels.update({name: done[problem, name][1] for problem, name in order if problem == PROBLEMS[0]})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     png = out / "demo_densities.png"
