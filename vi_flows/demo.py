@@ -49,7 +49,7 @@ def _guides(quick: bool, problem: str) -> dict[str, tuple[Callable, int | None]]
     """name -> (guide factory, steps) for ``problem``. Every guide with its defaults; steps ``None``: ``fit``'s default.
 
     ``quick`` caps every fit (the CNF, which solves an ODE per step, harder). The CNF runs on the energy only:
-    with ``fit``'s defaults it is the one flow under k̂ 0.7 there (1800 steps, about 2 minutes on one core), and
+    with ``fit``'s defaults it is the one flow under k̂ 0.7 there (1800 steps, 157–205 s of one core), and
     on the 10-d funnel it takes 6 minutes for k̂ 0.88 (docs/benchmarks.md, posteriors-defaults).
     """
     names = ("planar", "iaf", "nsf") + (("cnf",) if problem == PROBLEMS[0] else ())
@@ -59,8 +59,9 @@ def _guides(quick: bool, problem: str) -> dict[str, tuple[Callable, int | None]]
 
 PROBLEMS = ("energy U3", "eight schools")
 ENERGY = "U3"
-#: The demo's fits, longest first (seconds on one core, full size, docs/benchmarks.md): so that two worker
-#: processes taking them in this order finish together (longest-processing-time-first list scheduling).
+#: The demo's guides, longest fit first (full demo, s: CNF 157–205, NSF 29–62, Planar 15–25, Normal 6–20, IAF
+#: 10–21): two worker processes taking the fits in this order finish together (longest-processing-time-first
+#: list scheduling).
 LONGEST_FIRST = ("AutoCNF", "AutoNSF", "AutoPlanar", "AutoNormal", "AutoIAF")
 
 
@@ -72,9 +73,9 @@ def _problem(problem: str) -> tuple[Callable, float | None]:
 
 
 def _jobs(quick: bool) -> list[tuple[str, str]]:
-    """Every ``(problem, guide)`` fit of the demo, longest first."""
+    """Every ``(problem, guide)`` fit of the demo, longest first (for one guide, eight schools' fit is the longer)."""
     jobs = [(problem, name) for problem in PROBLEMS for name in _guides(quick, problem)]
-    return sorted(jobs, key=lambda job: (LONGEST_FIRST.index(job[1]), PROBLEMS.index(job[0]) == 0))
+    return sorted(jobs, key=lambda job: (LONGEST_FIRST.index(job[1]), -PROBLEMS.index(job[0])))
 
 
 def _job(problem: str, name: str, quick: bool, seed: int, progress: bool) -> tuple[dict, torch.Tensor | None]:
