@@ -72,10 +72,14 @@ def _problem(problem: str) -> tuple[Callable, float | None]:
     return eight_schools, None
 
 
+def _rows(quick: bool) -> list[tuple[str, str]]:
+    """Every ``(problem, guide)`` fit of the demo, in the table's order."""
+    return [(problem, name) for problem in PROBLEMS for name in _guides(quick, problem)]
+
+
 def _jobs(quick: bool) -> list[tuple[str, str]]:
-    """Every ``(problem, guide)`` fit of the demo, longest first (for one guide, eight schools' fit is the longer)."""
-    jobs = [(problem, name) for problem in PROBLEMS for name in _guides(quick, problem)]
-    return sorted(jobs, key=lambda job: (LONGEST_FIRST.index(job[1]), -PROBLEMS.index(job[0])))
+    """:func:`_rows`, longest fit first (for one guide, eight schools' fit is the longer)."""
+    return sorted(_rows(quick), key=lambda job: (LONGEST_FIRST.index(job[1]), -PROBLEMS.index(job[0])))
 
 
 def _job(problem: str, name: str, quick: bool, seed: int, progress: bool) -> tuple[dict, torch.Tensor | None]:
@@ -85,7 +89,7 @@ def _job(problem: str, name: str, quick: bool, seed: int, progress: bool) -> tup
     """
     torch.set_num_threads(1)  # tiny models: threads only add overhead
     row, guide = demo_row(problem, name, quick, seed, progress)
-    return row, (_panel(guide) if _problem(problem)[1] is not None else None)
+    return row, (_panel(guide) if problem == PROBLEMS[0] else None)
 
 
 def demo_row(problem: str, name: str, quick: bool = False, seed: int = 0, progress: bool = False) -> tuple[dict, Any]:
@@ -151,10 +155,11 @@ def _plot(panels: dict[str, torch.Tensor], path: Path) -> None:
     plt.close(fig)
 
 
-def _fit_all(quick: bool, seed: int, progress: bool, workers: int) -> list[tuple[dict, torch.Tensor | None]]:
-    """Every job of :func:`_jobs`, in ``workers`` processes (``spawn``: safe with torch's thread pools) or in
-    this one; results in the jobs' order."""
-    jobs = _jobs(quick)
+def _fit_all(
+    jobs: list[tuple[str, str]], quick: bool, seed: int, progress: bool, workers: int
+) -> list[tuple[dict, torch.Tensor | None]]:
+    """``jobs``, in ``workers`` processes (``spawn``: safe with torch's thread pools) or in this one; results in
+    the jobs' order."""
     if workers < 2:
         return [_job(problem, name, quick, seed, progress) for problem, name in jobs]
     import multiprocessing
@@ -174,11 +179,11 @@ def run_demo(
     ``workers``: processes sharing the fits, longest first (default: 2 where the machine has 2 cores or more).
     """
     workers = min(2, os.cpu_count() or 1) if workers is None else check_positive_int(workers, "workers")
-    done = dict(zip(_jobs(quick), _fit_all(quick, seed, progress, workers)))
-    order = [(problem, name) for problem in PROBLEMS for name in _guides(quick, problem)]
-    table = pd.DataFrame([done[job][0] for job in order])
+    jobs = _jobs(quick)
+    done = dict(zip(jobs, _fit_all(jobs, quick, seed, progress, workers)))
+    table = pd.DataFrame([done[row][0] for row in _rows(quick)])
     panels = {f"true {ENERGY}": log_density(ENERGY, _grid())}
-    panels.update({name: done[problem, name][1] for problem, name in order if problem == PROBLEMS[0]})
+    panels.update({name: done[problem, name][1] for problem, name in _rows(quick) if problem == PROBLEMS[0]})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     png = out / "demo_densities.png"
