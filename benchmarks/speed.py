@@ -323,8 +323,7 @@ DOCS_ABOUT = (
     "`z ~ N(0, diag(s²))` with s spread over [0.5, 2], so the guide dominates. The three of a row run in one "
     "process, interleaved in blocks after warm-up; medians over blocks. **ratio** = vi / peer (target ≤ 1.0), "
     "**overhead** = vi / floor (target ≤ 1.5 for d ≥ 100). **MB**: distinct storage autograd saves for backward "
-    'in one step (activation memory; "–" where `torch.func.jacrev`, used by the exact CNF trace, refuses '
-    "saved-tensor hooks)."
+    "in one step (activation memory)."
 )
 
 

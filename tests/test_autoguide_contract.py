@@ -175,18 +175,26 @@ def test_traced_cnf_solves_on_a_fixed_grid():
 
 @pytest.mark.parametrize("trace", ["exact", "hutchinson"])
 @pytest.mark.parametrize("activation", ["tanh", "softplus", "silu"])
-def test_forward_mode_trace_matches_autograd(trace, activation):
+@pytest.mark.parametrize("context_dim", [0, 2])
+def test_forward_mode_trace_matches_the_brute_force_jacobian(trace, activation, context_dim):
+    """The field and ``tr J`` (or ``εᵀJε``) pushed forward by hand equal ``ODENet.forward`` and its autograd
+    Jacobian, row by row (float64: agreement to rounding)."""
     torch.manual_seed(0)
     d = 3
-    flow = ContinuousFlow(d, hidden_dims=(6, 5), trace=trace, activation=activation)
+    flow = ContinuousFlow(d, hidden_dims=(6, 5), context_dim=context_dim, trace=trace, activation=activation).double()
     for p in flow.net.parameters():
         torch.nn.init.normal_(p, std=0.5)
-    z, t = torch.randn(4, d), torch.tensor(0.3)
-    eps = torch.randn(4, d) if trace == "hutchinson" else None
-    dz, div = _Dynamics(flow.net, None, eps).field(t, z)
-    dz_fm, div_fm = forward_mode_trace(flow.net, t, z, None, eps)
-    torch.testing.assert_close(dz_fm, dz)
-    torch.testing.assert_close(div_fm, div)
+    z, t = torch.randn(4, d, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64)
+    c = torch.randn(4, context_dim, dtype=torch.float64) if context_dim else None
+    eps = torch.randn(4, d, dtype=torch.float64) if trace == "hutchinson" else None
+    dz, div = _Dynamics(flow.net, c, eps).field(t, z)
+    for i in range(4):
+        ci = None if c is None else c[i]
+        jac = torch.autograd.functional.jacobian(lambda zi, ci=ci: flow.net(t, zi, ci), z[i])
+        expected = jac.trace() if eps is None else eps[i] @ jac @ eps[i]
+        torch.testing.assert_close(dz[i], flow.net(t, z[i], ci))
+        torch.testing.assert_close(div[i], expected)
+    assert forward_mode_trace(flow.net, t, z, c, eps)[1].equal(div)  # the public function is the same field
 
 
 # ------------------------------------------------------------------------------- the start: loc, scale, median

@@ -185,7 +185,7 @@ def test_works_without_grad(d, gradient):
 @pytest.mark.parametrize("trace", ["exact", "hutchinson"])
 @pytest.mark.parametrize("d", [3, 5])
 def test_inference_mode_gives_the_no_grad_result(d, trace):
-    """Under torch.inference_mode autograd cannot run; the trace goes through torch.func, same values."""
+    """Under torch.inference_mode autograd cannot run; the forward-mode trace needs none: the no_grad values."""
     t = _make(d, seed=11)
     t.trace = trace
     x = torch.randn(3, d, dtype=torch.float64)

@@ -49,8 +49,9 @@ def _guides(quick: bool, problem: str) -> dict[str, tuple[Callable, int | None]]
     """name -> (guide factory, steps) for ``problem``. Every guide with its defaults; steps ``None``: ``fit``'s default.
 
     ``quick`` caps every fit (the CNF, which solves an ODE per step, harder). The CNF runs on the energy only:
-    with ``fit``'s defaults it is the one flow under k̂ 0.7 there (1800 steps, 157–205 s of one core), and
-    on the 10-d funnel it takes 6 minutes for k̂ 0.88 (docs/benchmarks.md, posteriors-defaults).
+    with ``fit``'s defaults it is the one flow under k̂ 0.7 there (1800 steps, 95–101 s of one core), and
+    on the 10-d funnel it would add 82 s (past the demo's 3 minutes) for k̂ 0.88 (docs/benchmarks.md,
+    posteriors-defaults).
     """
     names = ("planar", "iaf", "nsf") + (("cnf",) if problem == PROBLEMS[0] else ())
     flows = {FAMILIES[name].guide: (100 if name == "cnf" else 500) if quick else None for name in names}
@@ -59,7 +60,7 @@ def _guides(quick: bool, problem: str) -> dict[str, tuple[Callable, int | None]]
 
 PROBLEMS = ("energy U3", "eight schools")
 ENERGY = "U3"
-#: The demo's guides, longest fit first (full demo, s: CNF 157–205, NSF 29–62, Planar 15–25, Normal 6–20, IAF
+#: The demo's guides, longest fit first (full demo, s: CNF 95–101, NSF 29–62, Planar 15–25, Normal 6–20, IAF
 #: 10–21): two worker processes taking the fits in this order finish together (longest-processing-time-first
 #: list scheduling).
 LONGEST_FIRST = ("AutoCNF", "AutoNSF", "AutoPlanar", "AutoNormal", "AutoIAF")

@@ -61,11 +61,12 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 def _combine(y: Tensor, dt: float, weights: Sequence[float], ks: Sequence[Tensor]) -> Tensor:
-    """``y + dt Σ wᵢ kᵢ`` (zero weights skipped)."""
+    """``y + dt Σ wᵢ kᵢ`` (zero weights skipped), one ``add`` per term: at a CNF's batch of 8 a step's cost is
+    its number of ops, in the solve and again in its backward."""
     out = y
     for w, k in zip(weights, ks):
         if w:
-            out = out + (dt * w) * k
+            out = torch.add(out, k, alpha=dt * w)
     return out
 
 

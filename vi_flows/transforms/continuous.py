@@ -19,7 +19,7 @@ from ..validate import check_choice, check_hidden_dims, check_int, check_nonneg_
 from ._ode import dopri5, rms_norm
 from ._ode import step as dopri5_step
 from .base import ConditionalFlowTransform, Conditioned
-from .networks import SMOOTH_ACTIVATIONS, ConcatSquash, ODENet, forward_mode_trace
+from .networks import SMOOTH_ACTIVATIONS, ConcatSquash, FieldTrace, ODENet, forward_mode_trace
 
 __all__ = ["ConcatSquash", "ContinuousFlow", "ODENet", "check_options", "forward_mode_trace"]
 
@@ -37,52 +37,21 @@ TRACED_MIN_STEPS = 8
 EVALS_PER_STEP = 6
 
 
-# From this dimension on, one vmap-ed reverse pass beats d separate VJPs (forward + backward of a solve,
-# widths (64, 64), one CPU thread: about level at d = 5, vmap faster above).
-JACREV_MIN_DIM = 5
-
-
-def vjp_trace(dz: Tensor, z: Tensor, create_graph: bool) -> Tensor:
-    """``tr ∂dz/∂z`` per row from ``d`` vector-Jacobian products, one per diagonal entry."""
-    div = torch.zeros_like(dz[:, 0])
-    for i in range(z.shape[-1]):
-        (row,) = torch.autograd.grad(dz[:, i].sum(), z, create_graph=create_graph, retain_graph=True)
-        div = div + row[:, i]
-    return div
-
-
-def jacrev_trace(net: ODENet, t: Tensor, z: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``(f, tr ∂f/∂z)`` per row from the full per-row Jacobian, ``vmap(jacrev(f))``."""
-
-    def f(zi: Tensor, ci: Tensor | None) -> tuple[Tensor, Tensor]:
-        out = net(t, zi, ci)
-        return out, out
-
-    jac, dz = torch.func.vmap(torch.func.jacrev(f, has_aux=True), in_dims=(0, None if context is None else 0))(
-        z, context
-    )
-    return dz, jac.diagonal(dim1=-2, dim2=-1).sum(-1)
-
-
-def hutchinson_trace(dz: Tensor, z: Tensor, eps: Tensor, create_graph: bool) -> Tensor:
-    """``εᵀ (∂dz/∂z) ε`` per row from one vector-Jacobian product; unbiased for ``E[εεᵀ] = I``."""
-    (vjp,) = torch.autograd.grad(dz, z, eps, create_graph=create_graph)
-    return (vjp * eps).sum(-1)
-
-
 class _Dynamics:
     """``d/dt (z, a) = (f(z, t, c), tr ∂f/∂z)`` for one solve, with its context and probe ``ε`` bound.
 
     A fresh object per solve keeps ``ε`` fixed through the solve and through
     the backward that re-evaluates it later (adjoint solve or checkpointed
-    steps), even if other solves ran in between.
+    steps), even if other solves ran in between. The field is a
+    :class:`~.networks.FieldTrace`, built once per grad mode where the solve
+    is one graph or none (``shared``); where a backward re-evaluates it piece
+    by piece (checkpointed steps, the adjoint) each evaluation builds its own,
+    so no piece of graph is back-propagated twice.
     """
 
-    def __init__(self, net: ODENet, context: Tensor | None, eps: Tensor | None):
-        self.net, self.context, self.eps = net, context, eps
-        self.needs_grad = any(p.requires_grad for p in net.parameters()) or (
-            context is not None and context.requires_grad
-        )
+    def __init__(self, net: ODENet, context: Tensor | None, eps: Tensor | None, shared: bool = True):
+        self.net, self.context, self.eps, self.shared = net, context, eps, shared
+        self._fields: dict[bool, FieldTrace] = {}
         self.nfe = 0
 
     def __call__(self, t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -91,35 +60,17 @@ class _Dynamics:
 
     def packed(self, t: float, y: Tensor) -> Tensor:
         """:func:`dopri5`'s form: the state ``[z, a]`` of shape ``(n, d + 1)`` in one tensor."""
-        dz, div = self.field(y.new_full((), t), y[:, :-1])  # new_full: no host-to-device copy
+        dz, div = self.field(t, y[:, :-1])
         return torch.cat([dz, div.unsqueeze(-1)], -1)
 
-    def field(self, t: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    def field(self, t: Tensor | float, z: Tensor) -> tuple[Tensor, Tensor]:
         self.nfe += 1
-        graph = torch.is_grad_enabled() and (z.requires_grad or self.needs_grad)
-        if not graph:
-            # A state made under no_grad may be a view that "requires grad" through its base.
-            z = z.detach()
-        if torch.jit.is_tracing():  # neither autograd.grad nor torch.func can be recorded by the tracer
-            return forward_mode_trace(self.net, t, z, self.context, self.eps)
-        if self.eps is None and (z.shape[-1] >= JACREV_MIN_DIM or torch.is_inference_mode_enabled()):
-            with torch.set_grad_enabled(graph):  # torch.func differentiates whatever the outer grad mode
-                return jacrev_trace(self.net, t, z, self.context)
-        if torch.is_inference_mode_enabled():  # autograd cannot run here; torch.func can
-            dz, vjp = torch.func.vjp(lambda zi: self.net(t, zi, self.context), z)
-            return dz, (vjp(self.eps)[0] * self.eps).sum(-1)
-        # The VJPs need autograd even under torch.no_grad(); the result is detached then.
-        with torch.enable_grad():
-            if not z.requires_grad:
-                z = z.detach().requires_grad_()
-            dz = self.net(t, z, self.context)
-            if self.eps is None:
-                div = vjp_trace(dz, z, graph)
-            else:
-                div = hutchinson_trace(dz, z, self.eps, graph)
-        if not graph:
-            dz, div = dz.detach(), div.detach()
-        return dz, div
+        grad = torch.is_grad_enabled()
+        if grad and not self.shared:
+            return FieldTrace(self.net, self.context, self.eps)(t, z)
+        if grad not in self._fields:
+            self._fields[grad] = FieldTrace(self.net, self.context, self.eps)
+        return self._fields[grad](t, z)
 
 
 class ContinuousFlow(ConditionalFlowTransform):
@@ -158,13 +109,14 @@ class ContinuousFlow(ConditionalFlowTransform):
     log-determinant's error in that control; below 1 the steps grow past what
     the tolerances allow for ``log|det J|``.
 
-    The trace: ``"exact"``, ``d`` vector-Jacobian products per evaluation of
-    ``f`` (``vmap``-ed into one pass from ``d = 5`` on); ``"hutchinson"``,
-    ``εᵀ(∂f/∂z)ε`` with one ``ε`` per point drawn per solve and held fixed
-    through it (FFJORD), Rademacher or Gaussian (``noise``): one VJP per
-    evaluation, and ``log|det J|`` an unbiased *estimate* whose variance grows
-    with ``d``; ``"auto"``, exact when ``dim <= exact_trace_max_dim``, else
-    Hutchinson.
+    The trace, by tangents pushed forward through the layers beside ``f``
+    (:class:`~.networks.FieldTrace`: a first-order graph, no nested
+    autograd): ``"exact"``, ``d`` tangents per evaluation of ``f``;
+    ``"hutchinson"``, ``εᵀ(∂f/∂z)ε`` with one ``ε`` per point drawn per solve
+    and held fixed through it (FFJORD), Rademacher or Gaussian (``noise``):
+    one tangent, and ``log|det J|`` an unbiased *estimate* whose variance
+    grows with ``d``; ``"auto"``, exact when ``dim <= exact_trace_max_dim``,
+    else Hutchinson.
 
     Defaults, each for one reason:
 
@@ -325,7 +277,7 @@ class ContinuousFlow(ConditionalFlowTransform):
         eps = None
         if self.trace == "hutchinson":
             eps = torch.randn_like(z) if self.noise == "gaussian" else torch.empty_like(z).bernoulli_(0.5) * 2 - 1
-        func = _Dynamics(self.net, context, eps)
+        func = _Dynamics(self.net, context, eps, shared=self.gradient == "backprop")
         start, end = (self.t1, 0.0) if reverse else (0.0, self.t1)
         if torch.jit.is_tracing():
             zs, a = self._fixed_grid(func, z, start, end)

@@ -4,7 +4,7 @@ r"""The neural networks inside the flow layers, and how their options are resolv
   :class:`~.spline.SplineCoupling`).
 - :class:`MADE`: the masked network of the autoregressive layers (:mod:`.autoregressive`).
 - :class:`ODENet` (of :class:`ConcatSquash` layers): the vector field of :class:`~.continuous.ContinuousFlow`;
-  :func:`forward_mode_trace` its value and Jacobian trace in plain tensor ops (for ``torch.jit`` tracing).
+  :class:`FieldTrace` its value and Jacobian trace by forward-mode tangents in plain tensor ops.
 - :data:`ACTIVATIONS` / :func:`activation_factory`: activations by name; :func:`made_hidden_dims`: MADE's
   hidden widths; :func:`soft_bound`: the smooth bound on a log-scale.
 
@@ -29,6 +29,7 @@ __all__ = [
     "PACK_LIMIT",
     "SMOOTH_ACTIVATIONS",
     "ConcatSquash",
+    "FieldTrace",
     "ODENet",
     "activation_factory",
     "forward_mode_trace",
@@ -233,7 +234,7 @@ class ODENet(nn.Module):
         super().__init__()
         widths = (dim, *hidden_dims, dim)
         self.layers = nn.ModuleList(ConcatSquash(a, b, 1 + context_dim) for a, b in zip(widths[:-1], widths[1:]))
-        # names only: the traced (forward-mode) trace needs σ' in closed form
+        # names only: FieldTrace needs σ' in closed form
         self.activation = SMOOTH_ACTIVATIONS[check_choice(activation, SMOOTH_ACTIVATIONS, "activation")]()
         last = self.layers[-1]
         for p in (last.linear.weight, last.linear.bias, last.shift.weight):
@@ -261,33 +262,58 @@ def _activation_slope(activation: nn.Module, pre: Tensor, out: Tensor) -> Tensor
     raise TypeError(f"no closed-form slope for activation {type(activation).__name__}")
 
 
+class FieldTrace:
+    r"""``(t, z) ↦ (f(z, t, c), Σₘ Dₘᵀ (∂f/∂z) Dₘ)`` for one solve of an :class:`ODENet` with context ``c``.
+
+    The tangents ``(∂h/∂z) D`` are pushed through the layers by hand beside ``h``: plain tensor ops, no
+    nested autograd, so a training step back-propagates through a first-order graph (not through
+    vector-Jacobian products recorded with ``create_graph``), and ``torch.jit.trace`` can record it.
+    ``D = I`` (``eps`` None, ``d`` tangents) gives the exact trace ``tr ∂f/∂z``; ``D = ε`` (one tangent)
+    Hutchinson's ``εᵀ (∂f/∂z) ε``. Per layer, with ``g = σ(A s + a)`` and ``s = (t, c)``::
+
+        pre = (W h + b) ⊙ g + B s,     h' = act(pre),     T' = act'(pre) ⊙ g ⊙ (W T)
+
+    (the last layer without ``act``). ``A s + a`` and ``B s`` of every layer are affine in ``t`` with ``c``
+    fixed through a solve: their ``c`` part is computed once here, and each evaluation adds ``t`` times
+    one column (at a batch of 8 the field's cost is its number of ops, not their size:
+    ``docs/benchmarks.md``, speed).
+
+    Shapes: ``z (n, d)``, ``context (n, context_dim)`` or None, ``eps (n, d)`` or None.
+    """
+
+    def __init__(self, net: ODENet, context: Tensor | None, eps: Tensor | None):
+        layers = net.layers
+        self.weights = [layer.linear.weight for layer in layers]
+        self.biases = [layer.linear.bias for layer in layers]
+        self.widths = [layer.linear.out_features for layer in layers]
+        self.activation = net.activation
+        gate_bias = torch.cat([layer.gate.bias for layer in layers])
+        rows = torch.cat([layer.gate.weight for layer in layers] + [layer.shift.weight for layer in layers])
+        fixed = torch.cat([gate_bias, torch.zeros_like(gate_bias)])
+        self.per_time = rows[:, 0]  # s = (t, c): column 0 multiplies t
+        self.fixed = fixed if context is None else torch.addmm(fixed, context, rows[:, 1:].T)
+        d = layers[0].linear.in_features
+        w = self.per_time
+        self.directions = torch.eye(d, dtype=w.dtype, device=w.device) if eps is None else eps.unsqueeze(-2)
+
+    def __call__(self, t: Tensor | float, z: Tensor) -> tuple[Tensor, Tensor]:
+        u = self.fixed + t * self.per_time
+        half = u.shape[-1] // 2
+        gates = torch.sigmoid(u[..., :half]).split(self.widths, -1)
+        shifts = u[..., half:].split(self.widths, -1)
+        h, tangent = z, self.directions  # (n, d), (…, m, d)
+        last = len(self.weights) - 1
+        for i, (w, b, g, shift) in enumerate(zip(self.weights, self.biases, gates, shifts)):
+            pre = torch.addcmul(shift, F.linear(h, w, b), g)
+            if i < last:
+                h = self.activation(pre)
+                g = g * _activation_slope(self.activation, pre, h)
+            tangent = F.linear(tangent, w) * g.unsqueeze(-2)
+        return pre, (tangent * self.directions).sum((-2, -1))
+
+
 def forward_mode_trace(
     net: ODENet, t: Tensor, z: Tensor, context: Tensor | None, eps: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """``(f, tr ∂f/∂z)`` (``eps`` None) or ``(f, εᵀ (∂f/∂z) ε)`` by pushing tangents through the layers by hand.
-
-    Plain tensor ops only, no nested autograd: what ``torch.jit.trace`` can record (a traced
-    ``autograd.grad`` replays saved parameters as constants and fails; ``torch.func`` cannot be traced).
-    The tangents are ``I`` (``d`` columns, exact trace) or ``ε`` (one column, Hutchinson): the same
-    values as :func:`~.continuous.vjp_trace` and :func:`~.continuous.hutchinson_trace`, to rounding.
-    """
-    s = t.to(z).expand(*z.shape[:-1], 1)
-    if context is not None:
-        s = torch.cat([s, context], -1)
-    if eps is None:
-        tangent = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device).expand(*z.shape, z.shape[-1])
-    else:
-        tangent = eps.unsqueeze(-1)
-    h = z
-    for i, layer in enumerate(net.layers):
-        gate = torch.sigmoid(layer.gate(s))
-        pre = layer.linear(h) * gate + layer.shift(s)
-        tangent = (layer.linear.weight @ tangent) * gate.unsqueeze(-1)
-        if i == len(net.layers) - 1:
-            h = pre
-            break
-        h = net.activation(pre)
-        tangent = _activation_slope(net.activation, pre, h).unsqueeze(-1) * tangent
-    if eps is None:
-        return h, tangent.diagonal(dim1=-2, dim2=-1).sum(-1)
-    return h, (tangent.squeeze(-1) * eps).sum(-1)
+    """``(f, tr ∂f/∂z)`` (``eps`` None) or ``(f, εᵀ (∂f/∂z) ε)``: one evaluation of :class:`FieldTrace`."""
+    return FieldTrace(net, context, eps)(t, z)
