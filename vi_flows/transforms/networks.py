@@ -292,9 +292,11 @@ class FieldTrace:
         fixed = torch.cat([gate_bias, torch.zeros_like(gate_bias)])
         self.per_time = rows[:, 0]  # s = (t, c): column 0 multiplies t
         self.fixed = fixed if context is None else torch.addmm(fixed, context, rows[:, 1:].T)
-        d = layers[0].linear.in_features
-        w = self.per_time
-        self.directions = torch.eye(d, dtype=w.dtype, device=w.device) if eps is None else eps.unsqueeze(-2)
+        if eps is None:
+            d, like = layers[0].linear.in_features, self.per_time
+            self.directions = torch.eye(d, dtype=like.dtype, device=like.device)  # D = I: (d, d)
+        else:
+            self.directions = eps.unsqueeze(-2)  # D = ε: (n, 1, d)
 
     def __call__(self, t: Tensor | float, z: Tensor) -> tuple[Tensor, Tensor]:
         u = self.fixed + t * self.per_time
