@@ -273,7 +273,7 @@ def saved_tensor_mb(fn: Callable) -> float:
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             fn()
-    except RuntimeError:  # torch.func (jacrev: exact CNF trace) refuses saved-tensor hooks
+    except RuntimeError:  # code under torch.func (a peer's jacrev, say) refuses saved-tensor hooks
         return float("nan")
     return sum(seen.values()) / 2**20
 

@@ -286,6 +286,7 @@ class FieldTrace:
         self.weights = [layer.linear.weight for layer in layers]
         self.biases = [layer.linear.bias for layer in layers]
         self.widths = [layer.linear.out_features for layer in layers]
+        self.half = sum(self.widths)  # u = (gates' pre-activations, shifts)
         self.activation = net.activation
         gate_bias = torch.cat([layer.gate.bias for layer in layers])
         rows = torch.cat([layer.gate.weight for layer in layers] + [layer.shift.weight for layer in layers])
@@ -300,9 +301,8 @@ class FieldTrace:
 
     def __call__(self, t: Tensor | float, z: Tensor) -> tuple[Tensor, Tensor]:
         u = self.fixed + t * self.per_time
-        half = u.shape[-1] // 2
-        gates = torch.sigmoid(u[..., :half]).split(self.widths, -1)
-        shifts = u[..., half:].split(self.widths, -1)
+        gates = torch.sigmoid(u[..., : self.half]).split(self.widths, -1)
+        shifts = u[..., self.half :].split(self.widths, -1)
         h, tangent = z, self.directions  # (n, d), (…, m, d)
         last = len(self.weights) - 1
         for i, (w, b, g, shift) in enumerate(zip(self.weights, self.biases, gates, shifts)):
